@@ -1,0 +1,31 @@
+"""DataConfig: everything that decides what the loaders produce. Lives with the pipelines
+(train/config.py re-exports it) so `pipeline` never imports the trainer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Folder written by tools/make_shards (manifest.json + <split>-NNNNNN.tar/.idx), or, for
+    # loader="folder", an ImageFolder root holding <split>/<class>/*.JPEG.
+    path: str = ""
+    # dali: DALI pipeline (mixed GPU decode where a GPU exists, CPU operators otherwise)
+    # torch: torchvision transforms + DataLoader over the same shards (webdataset)
+    # folder: torchvision ImageFolder + DataLoader (the classic baseline)
+    # synthetic: tensors made once on the device (model-bound ceiling)
+    loader: str = "dali"
+    batch_size: int = 256            # per rank
+    resolution: int = 224            # training crop size (progressive resizing changes it per epoch)
+    val_resolution: int = 224        # centre-crop size at evaluation
+    val_resize_ratio: float = 0.875  # shorter side resized to val_resolution / ratio before the crop
+    min_area: float = 0.08           # RandomResizedCrop area range [min_area, 1]
+    workers: int = 8                 # DALI threads or DataLoader workers per rank
+    prefetch: int = 2                # DALI prefetch queue depth / DataLoader prefetch_factor
+    hw_decoder_load: float = 0.65    # share of JPEGs sent to the A100/H100 hardware decoder
+    shuffle_buffer: int = 4096       # DALI reader random_shuffle buffer (initial_fill)
+    dtype: str = "bfloat16"          # output image dtype: bfloat16 | float16 | float32
+    drop_last: bool = False          # train: drop the partial last batch instead of yielding it
+    dali_device: str = "auto"        # auto | gpu | cpu  (cpu = DALI CPU operators, device_id=None)
+    seed: int = 0
+    synthetic_samples: int = 0       # synthetic loader: samples per epoch (0: 50 batches)

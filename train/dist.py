@@ -1,0 +1,87 @@
+"""Distributed setup: the only module that touches torch.distributed process groups.
+
+`setup()` reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) and
+returns a small frozen `DistInfo`; everything else takes that object instead of asking the
+environment again. Without torchrun it returns a single-process DistInfo and creates no group.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def single(device: str | torch.device | None = None) -> DistInfo:
+    """A one-process DistInfo; picks CUDA when available unless a device is given."""
+    if device is None:
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    return DistInfo(device=torch.device(device))
+
+
+def setup(device: str | None = None, timeout_min: float = 30.0) -> DistInfo:
+    """Initialise the process group when launched by torchrun, else return `single()`.
+
+    NCCL on GPUs, gloo on the CPU. `device="cpu"` forces gloo even where CUDA exists (tests).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return single(device)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_min),
+            **({"device_id": dev} if use_cuda else {}),
+        )
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor across ranks in place (no-op on one process) and return it."""
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
