@@ -29,3 +29,4 @@ class DataConfig:
     dali_device: str = "auto"        # auto | gpu | cpu  (cpu = DALI CPU operators, device_id=None)
     seed: int = 0
     synthetic_samples: int = 0       # synthetic loader: samples per epoch (0: 50 batches)
+    synthetic_classes: int = 1000    # synthetic loader: label range
