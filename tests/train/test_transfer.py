@@ -1,0 +1,159 @@
+"""Transfer learning: pretrained loading, classifier replacement, freezing, export and predict (CPU)."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from train.transfer import PretrainedError, freeze_bn_stats, head_names, load_pretrained, set_trainable
+
+
+@pytest.fixture()
+def r18_state(tmp_path):
+    torch.manual_seed(0)
+    src = torchvision.models.resnet18(num_classes=10)
+    path = tmp_path / "resnet18-10.pth"
+    torch.save(src.state_dict(), path)
+    return src, path
+
+
+def test_head_names_cover_common_families():
+    assert head_names(torchvision.models.resnet18(num_classes=3)) == ["fc"]
+    assert head_names(torchvision.models.vgg11(num_classes=3)) == ["classifier.6"]
+    assert head_names(torchvision.models.densenet121(num_classes=3)) == ["classifier"]
+    inc = torchvision.models.inception_v3(num_classes=3, aux_logits=True, init_weights=False)
+    assert head_names(inc) == ["fc", "AuxLogits.fc"]
+
+
+def test_state_dict_loads_backbone_and_reports_replaced_head(r18_state):
+    src, path = r18_state
+    model = torchvision.models.resnet18(num_classes=5)
+    fresh_fc = model.fc.weight.detach().clone()
+    report = load_pretrained(model, path, "resnet18")
+    assert set(report.replaced) == {"fc.weight", "fc.bias"}
+    assert not report.missing and not report.unexpected and not report.mismatched
+    assert torch.equal(model.conv1.weight, src.conv1.weight)
+    assert torch.equal(model.layer4[1].bn2.running_var, src.layer4[1].bn2.running_var)
+    assert torch.equal(model.fc.weight, fresh_fc)  # the new head keeps its own initialisation
+    assert any("classifier replaced" in line and "fc.weight" in line for line in report.lines())
+
+
+def test_wrapper_prefixes_and_our_checkpoint_format(r18_state, tmp_path):
+    src, _ = r18_state
+    ckpt = tmp_path / "ckpt.pt"
+    state = {f"module._orig_mod.{k}": v for k, v in src.state_dict().items()}
+    torch.save({"model": state, "arch": "resnet18", "classes": [f"c{i}" for i in range(10)], "epoch": 3}, ckpt)
+    model = torchvision.models.resnet18(num_classes=10)
+    report = load_pretrained(model, ckpt, "resnet18")
+    assert not report.replaced and not report.missing
+    assert torch.equal(model.fc.weight, src.fc.weight)
+    with pytest.raises(PretrainedError, match="holds a resnet18 but the model is resnet34"):
+        load_pretrained(torchvision.models.resnet34(num_classes=10), ckpt, "resnet34")
+
+
+def test_unexpected_and_missing_keys_are_named(r18_state, tmp_path):
+    src, _ = r18_state
+    state = src.state_dict()
+    state.pop("layer1.0.conv1.weight")
+    state["extra.weight"] = torch.zeros(3)
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    report = load_pretrained(torchvision.models.resnet18(num_classes=10), path, "resnet18")
+    assert report.missing == ("layer1.0.conv1.weight",)
+    assert report.unexpected == ("extra.weight",)
+
+
+def test_foreign_or_code_bearing_files_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"fc.weight": Evil()}))
+    with pytest.raises(PretrainedError, match="weights_only=True"):
+        load_pretrained(torchvision.models.resnet18(num_classes=2), evil, "resnet18")
+    other = tmp_path / "other.pth"
+    torch.save(torchvision.models.vgg11(num_classes=2).state_dict(), other)
+    with pytest.raises(PretrainedError, match="no tensor .* fits"):
+        load_pretrained(torchvision.models.resnet18(num_classes=2), other, "resnet18")
+    with pytest.raises(PretrainedError, match="no such file"):
+        load_pretrained(torchvision.models.resnet18(num_classes=2), tmp_path / "nope.pth", "resnet18")
+
+
+def test_torchvision_name_uses_hub_cache_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(PretrainedError, match=r"resnet18-f37072fd\.pth.*nothing is downloaded|nothing is downloaded.*resnet18-f37072fd\.pth"):
+        load_pretrained(torchvision.models.resnet18(num_classes=2), "torchvision:resnet18", "resnet18")
+    # A file placed in the cache is used, without any network access.
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), cache / "resnet18-f37072fd.pth")
+    report = load_pretrained(torchvision.models.resnet18(num_classes=2), "torchvision:ResNet18_Weights.IMAGENET1K_V1",
+                             "resnet18")
+    assert set(report.replaced) == {"fc.weight", "fc.bias"}
+
+
+def test_linear_probe_trains_only_the_head_and_freezes_bn():
+    model = torchvision.models.resnet18(num_classes=4)
+    trainable = set_trainable(model, "linear")
+    assert trainable == ["fc.weight", "fc.bias"]
+    model.train()
+    assert not model.bn1.training and model.fc.training
+    before = model.bn1.running_mean.clone()
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert torch.equal(model.bn1.running_mean, before)
+    assert model.conv1.weight.grad is None and model.fc.weight.grad is not None
+
+
+def test_full_finetune_with_frozen_bn_keeps_statistics_but_trains_affine():
+    model = torchvision.models.resnet18(num_classes=4)
+    assert freeze_bn_stats(model) == 20
+    set_trainable(model, "full")
+    model.train()
+    before = model.layer1[0].bn1.running_var.clone()
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert torch.equal(model.layer1[0].bn1.running_var, before)
+    assert model.layer1[0].bn1.weight.grad is not None
+    # state-dict layout is unchanged, so checkpoints stay interchangeable
+    assert set(model.state_dict()) == set(torchvision.models.resnet18(num_classes=4).state_dict())
+
+
+def test_export_and_predict_round_trip(tmp_path):
+    from click.testing import CliRunner
+
+    from train.export import export_model
+    from train.predict import Predictor, main as predict_main
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    classes = ["apple", "banana", "cherry"]
+    out = export_model(model, "resnet18", classes, tmp_path / "exp", resolution=64)
+    assert json.loads((out / "classes.json").read_text()) == classes
+    bundle = torch.load(out / "model.pt", weights_only=True)
+    assert bundle["arch"] == "resnet18" and bundle["classes"] == classes
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (90 + 10 * i, 70), (40 * i, 100, 200)).save(images / f"ok{i}.jpg")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (images / "notes.txt").write_text("ignored: not an image suffix")
+
+    pred = Predictor.load(out, "cpu")
+    x = pred.load_image(images / "ok0.jpg").unsqueeze(0)
+    with torch.no_grad():
+        expected = model(x).softmax(1)
+    top = pred.predict(x, topk=3)[0]
+    assert [c for c, _ in top] == [classes[i] for i in expected[0].argsort(descending=True).tolist()]
+    assert abs(sum(p for _, p in top) - 1.0) < 1e-4
+
+    result = CliRunner().invoke(predict_main, ["--model", str(out), str(images), "--topk", "2", "--json"])
+    assert result.exit_code == 1  # one file failed, and says so
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(line["path"].rsplit("/", 1)[1] for line in lines) == ["ok0.jpg", "ok1.jpg", "ok2.jpg"]
+    assert all(len(line["top"]) == 2 for line in lines)
+    assert "broken.jpg: cannot read as an image" in result.stderr

@@ -1,0 +1,173 @@
+"""Transfer learning: load pretrained weights into a freshly built model, replace the classifier,
+and choose what trains (linear probe, full fine-tuning, frozen BN statistics).
+
+Sources `--pretrained` accepts:
+- one of our checkpoints (a dict with a "model" state dict, an "arch" and "classes"),
+- a plain torchvision-format state dict file, such as the official `resnet50-11ad3fa6.pth`,
+- `torchvision:<arch>` or `torchvision:<WeightsEnum>.<NAME>` (e.g. `torchvision:ResNet50_Weights.IMAGENET1K_V2`):
+  taken from the torch hub cache only. Clusters often have no internet, so nothing is downloaded; a missing
+  file stops the run with its URL and the path to put it at.
+
+Every file is read with `torch.load(weights_only=True)`: nothing in it is unpickled as code. Every key that
+does not fit is reported by name (replaced classifier, missing, unexpected, shape mismatch), never dropped
+silently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+# Prefixes that wrappers add to parameter names: DDP ("module.") and torch.compile ("_orig_mod.").
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class PretrainedError(ValueError):
+    """A pretrained source that cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    source: str
+    loaded: tuple[str, ...]
+    replaced: tuple[str, ...]    # classifier keys re-initialised for the new classes
+    missing: tuple[str, ...]     # in the model, not in the source: left at their initial values
+    unexpected: tuple[str, ...]  # in the source, not in the model: not used
+    mismatched: tuple[str, ...] = field(default=())  # same name, other shape, outside the classifier
+
+    def lines(self) -> list[str]:
+        out = [f"pretrained {self.source}: {len(self.loaded)} tensors loaded"]
+        for label, keys in (("classifier replaced (new classes)", self.replaced),
+                            ("missing from the source (kept at init)", self.missing),
+                            ("unexpected in the source (ignored)", self.unexpected),
+                            ("shape mismatch (kept at init)", self.mismatched)):
+            if keys:
+                out.append(f"  {label}: {', '.join(keys)}")
+        return out
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """Qualified names of the classifier Linear layers: the last Linear (torchvision's fc / classifier[-1] /
+    heads.head) plus Inception's auxiliary classifier, if any."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise PretrainedError(f"{type(model).__name__} has no Linear classifier to replace")
+    heads = [linears[-1]]
+    heads += [n for n in linears if n.startswith("AuxLogits.") and n not in heads]
+    return heads
+
+
+def _strip(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        for p in _WRAPPER_PREFIXES:
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def _hub_file(spec: str, arch: str) -> Path:
+    """Resolve `torchvision:<arch>` / `torchvision:<Enum>.<NAME>` to the file in the hub cache."""
+    name = spec.split(":", 1)[1] or arch
+    try:
+        if "." in name:
+            weights = torchvision.models.get_weight(name)
+        else:
+            weights = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise PretrainedError(f"unknown torchvision weights {name!r} ({exc}); use e.g. "
+                              f"'torchvision:{arch}' or 'torchvision:ResNet50_Weights.IMAGENET1K_V2'") from exc
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.is_file():
+        raise PretrainedError(
+            f"torchvision weights {weights} are not in the torch hub cache and nothing is downloaded here. "
+            f"Fetch {weights.url} on a machine with internet and copy it to {path} "
+            f"(or pass --pretrained /path/to/{path.name}).")
+    return path
+
+
+def read_state(source: str | Path, arch: str = "") -> tuple[dict, dict]:
+    """Return (state_dict, metadata) from a checkpoint, a state-dict file or a hub-cache name."""
+    src = str(source)
+    path = _hub_file(src, arch) if src.startswith("torchvision:") else Path(src)
+    if not path.is_file():
+        raise PretrainedError(f"--pretrained {src}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, tampered, or holding pickled code
+        raise PretrainedError(f"cannot load {path} with weights_only=True ({type(exc).__name__}: {exc}). "
+                              "It is corrupt or holds more than tensors; export plain weights "
+                              "with torch.save(model.state_dict(), path)") from exc
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        meta = {k: obj[k] for k in ("arch", "classes", "epoch") if k in obj}
+        return _strip(obj["model"]), meta
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _strip(obj), {}
+    raise PretrainedError(f"{path} is neither one of our checkpoints nor a state dict of tensors")
+
+
+def load_pretrained(model: nn.Module, source: str | Path, arch: str = "") -> TransferReport:
+    """Copy every fitting tensor of `source` into `model`; the classifier keeps its fresh init when its
+    shape differs (new number of classes). Returns what happened to each key."""
+    state, meta = read_state(source, arch)
+    if meta.get("arch") and arch and meta["arch"] != arch:
+        raise PretrainedError(f"{source} holds a {meta['arch']} but the model is {arch}; "
+                              f"pass --arch {meta['arch']} or another checkpoint")
+    target = model.state_dict()
+    heads = tuple(f"{h}." for h in head_names(model))
+    loaded, replaced, mismatched, fit = [], [], [], {}
+    for k, v in state.items():
+        if k not in target:
+            continue
+        if target[k].shape == v.shape:
+            fit[k] = v
+            loaded.append(k)
+        elif k.startswith(heads):
+            replaced.append(k)
+        else:
+            mismatched.append(k)
+    if not loaded:
+        raise PretrainedError(f"no tensor of {source} fits the model ({type(model).__name__}); "
+                              f"wrong --arch? first keys in the file: {list(state)[:5]}")
+    model.load_state_dict(fit, strict=False)
+    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in target]
+    return TransferReport(str(source), tuple(loaded), tuple(replaced), tuple(missing),
+                          tuple(unexpected), tuple(mismatched))
+
+
+class _FrozenStatsBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm that stays in eval mode: it normalises with the pretrained running statistics and never
+    updates them, even inside model.train(). Its affine weight and bias may still train."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+def freeze_bn_stats(model: nn.Module) -> int:
+    """Keep every BatchNorm's statistics fixed (small fine-tuning sets give noisy batch statistics).
+    The modules keep their state-dict layout, so checkpoints stay interchangeable. Returns the count."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _FrozenStatsBatchNorm):
+            m.__class__ = type(f"FrozenStats{type(m).__name__}", (_FrozenStatsBatchNorm, type(m)), {})
+            m.eval()
+            n += 1
+    return n
+
+
+def set_trainable(model: nn.Module, mode: str, freeze_bn: bool = False) -> list[str]:
+    """`full`: everything trains; `linear`: only the classifier trains (a linear probe, which also keeps
+    BN statistics frozen). Returns the names of the trainable parameters."""
+    if mode not in ("full", "linear"):
+        raise ValueError(f"fine-tune mode must be 'full' or 'linear', not {mode!r}")
+    heads = tuple(f"{h}." for h in head_names(model))
+    for name, p in model.named_parameters():
+        p.requires_grad_(mode == "full" or name.startswith(heads))
+    if freeze_bn or mode == "linear":
+        freeze_bn_stats(model)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
