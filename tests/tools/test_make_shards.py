@@ -1,0 +1,361 @@
+"""tools/make_shards.py on the embedded dataset, real ImageNet files, odd files and ILSVRC layouts."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pipeline.manifest as pm
+from tools import make_shards as ms
+from tools.make_shards import ShardError, SimulatedInterrupt, make_shards
+
+from ._shards import dali_read, files_of, link_tree, manifest, odd_files, read_tar, write_tree
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _all_samples(out: Path, split: str) -> list[dict]:
+    m = pm.load_manifest(out)
+    return [s for sh in m.split(split).shards for s in read_tar(sh.tar)]
+
+
+# ---------------------------------------------------------------- the embedded dataset
+
+def test_synthetic_counts_keys_labels(synthetic_shards, synthetic_root):
+    m = pm.load_manifest(synthetic_shards)
+    d = manifest(synthetic_shards)
+    assert m.classes == tuple(sorted(p.name for p in (synthetic_root / "train").iterdir()))
+    assert [s.num_samples for s in m.split("train").shards] == [40, 40, 16]
+    assert m.split("val").num_samples == 32
+    for name, split in d["splits"].items():
+        assert split["inputs"] == split["num_samples"] + len(split["skipped"])  # inputs = written + skipped
+        samples = _all_samples(synthetic_shards, name)
+        assert [s["key"] for s in samples] == [f"{name}_{i:08d}" for i in range(split["num_samples"])]
+        sources = sorted(s["path"].decode() for s in samples)
+        assert sources == sorted(p.relative_to(synthetic_root).as_posix()
+                                 for p in (synthetic_root / name).rglob("*.JPEG"))
+        for s in samples:
+            label = int(s["cls"])
+            assert "." not in s["key"]
+            assert np.frombuffer(s["lbl"], "<i8").tolist() == [label]
+            assert s["path"].decode().split("/")[1] == m.classes[label]
+            assert s["jpg"] == (synthetic_root / s["path"].decode()).read_bytes()  # good JPEGs copied as is
+
+
+def test_classes_mixed_within_each_shard(synthetic_shards):
+    m = pm.load_manifest(synthetic_shards)
+    for shard in m.split("train").shards:
+        labels = Counter(int(s["cls"]) for s in read_tar(shard.tar))
+        # 40 samples from 8 classes of 12: an ordered (unshuffled) write would give 3-4 classes
+        assert len(labels) >= 5 and max(labels.values()) <= 12, labels
+
+
+def test_index_written_with_tar_matches_dali_wds2idx(synthetic_shards, tmp_path):
+    """Our single-pass index equals the one DALI's own wds2idx computes from the finished tar."""
+    wds2idx = pytest.importorskip("wds2idx")
+    shard = pm.load_manifest(synthetic_shards).split("train").shards[0]
+    with wds2idx.IndexCreator(str(shard.tar), str(tmp_path / "ref.idx"), verbose=False) as ic:
+        ic.create_index()
+    assert shard.index.read_text() == (tmp_path / "ref.idx").read_text()
+
+
+def test_reads_back_through_webdataset(synthetic_shards):
+    wds = pytest.importorskip("webdataset")
+    m = pm.load_manifest(synthetic_shards)
+    for name in m.splits:
+        ds = wds.WebDataset(m.split(name).tars, shardshuffle=False).decode("pil").to_tuple("jpg", "cls", "path")
+        got = [(img.size, label, path) for img, label, path in ds]
+        assert len(got) == m.split(name).num_samples
+        # webdataset decodes .cls to int; .path is not a known extension, so it stays bytes
+        assert all(m.classes[label] == path.decode().split("/")[1] for _, label, path in got)
+
+
+def test_reads_back_through_dali(synthetic_shards):
+    pytest.importorskip("nvidia.dali")
+    m = pm.load_manifest(synthetic_shards)
+    split = m.split("train")
+    labels, shapes = dali_read(split.tars, split.indexes, split.num_samples)
+    assert labels == [int(s["cls"]) for s in _all_samples(synthetic_shards, "train")]
+    assert all(len(s) == 3 and s[2] == 3 and min(s[:2]) >= 300 for s in shapes)
+
+
+def test_workers_do_not_change_the_bytes(synthetic_shards, synthetic_root, tmp_path):
+    make_shards(synthetic_root, tmp_path, shard_samples=40, workers=2, seed=0, progress=False)
+    assert files_of(tmp_path) == files_of(synthetic_shards)
+
+
+def test_seed_and_shard_size_change_the_layout(synthetic_root, tmp_path):
+    a = make_shards(synthetic_root, tmp_path / "a", splits=["val"], shard_samples=10, progress=False)
+    b = make_shards(synthetic_root, tmp_path / "b", splits=["val"], shard_samples=10, seed=1, progress=False)
+    assert [s["num_samples"] for s in a["splits"]["val"]["shards"]] == [10, 10, 10, 2]
+    paths = lambda out: [s["path"] for s in _all_samples(out, "val")]  # noqa: E731
+    assert paths(tmp_path / "a") != paths(tmp_path / "b")
+    assert sorted(paths(tmp_path / "a")) == sorted(paths(tmp_path / "b"))
+    assert a["classes"] == b["classes"]
+
+
+# ---------------------------------------------------------------- resume, refusal, overwrite
+
+def test_interrupted_run_resumes_to_identical_output(synthetic_root, tmp_path, monkeypatch):
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    make_shards(synthetic_root, ref, shard_samples=20, progress=False)
+    monkeypatch.setenv(ms.FAIL_AFTER_ENV, "2")
+    with pytest.raises(SimulatedInterrupt):
+        make_shards(synthetic_root, out, shard_samples=20, progress=False)
+    assert not (out / "manifest.json").exists() and (out / ms.PROGRESS_NAME).exists()
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    with pytest.raises(pm.ManifestError, match="interrupted"):
+        pm.load_manifest(out)
+    # Damage the state further, as a hard kill could: a half-written temp shard, and a finished
+    # shard whose tar got cut short.
+    (out / "train-000002.tar.tmp").write_bytes(b"half a shard")
+    with open(out / "train-000001.tar", "r+b") as f:
+        f.truncate(1000)
+    monkeypatch.delenv(ms.FAIL_AFTER_ENV)
+    make_shards(synthetic_root, out, shard_samples=20, progress=False)
+    assert files_of(out) == files_of(ref)  # shards, indexes and manifest; no progress/cache left
+
+
+def test_killed_subprocess_resumes_to_identical_output(synthetic_root, tmp_path):
+    """A real interruption: the CLI process dies after its first shard (exit 1), then re-runs."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    make_shards(synthetic_root, ref, splits=["val"], shard_samples=8, workers=2, progress=False)
+    cmd = [sys.executable, str(REPO / "tools" / "make_shards.py"), "--src", str(synthetic_root), "--out",
+           str(out), "--split", "val", "--shard-samples", "8", "--workers", "2", "--no-progress"]
+    r = subprocess.run(cmd, env={**os.environ, ms.FAIL_AFTER_ENV: "1"}, capture_output=True, text=True)
+    assert r.returncode != 0 and "SimulatedInterrupt" in r.stderr
+    assert not (out / "manifest.json").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "val: 32 inputs = 32 written + 0 skipped" in r.stdout
+    assert files_of(out) == files_of(ref)
+
+
+def test_other_settings_are_refused_unless_overwrite(synthetic_root, tmp_path):
+    out = tmp_path / "out"
+    first = make_shards(synthetic_root, out, splits=["val"], shard_samples=10, progress=False)
+    before = files_of(out)
+    assert make_shards(synthetic_root, out, splits=["val"], shard_samples=10, progress=False) == first
+    assert files_of(out) == before  # same command again: nothing rewritten
+    with pytest.raises(ShardError, match=r"seed: 0 -> 1.*--overwrite"):
+        make_shards(synthetic_root, out, splits=["val"], shard_samples=10, seed=1, progress=False)
+    with pytest.raises(ShardError, match="shard_samples: 10 -> 16"):
+        make_shards(synthetic_root, out, splits=["val"], shard_samples=16, progress=False)
+    assert files_of(out) == before
+    m = make_shards(synthetic_root, out, splits=["val"], shard_samples=16, overwrite=True, progress=False)
+    assert [s["num_samples"] for s in m["splits"]["val"]["shards"]] == [16, 16]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "val-000000.idx", "val-000000.tar",
+                                                    "val-000001.idx", "val-000001.tar"]
+
+
+def test_foreign_output_folder_is_refused(synthetic_root, tmp_path):
+    (tmp_path / "thesis.pdf").write_bytes(b"%PDF")
+    with pytest.raises(ShardError, match="not empty"):
+        make_shards(synthetic_root, tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis.pdf"]
+
+
+# ---------------------------------------------------------------- odd inputs
+
+@pytest.fixture(scope="module")
+def odd_shards(tmp_path_factory, imagenet_sample):
+    real = sorted(imagenet_sample.glob("*.JPEG"))[0].read_bytes()
+    expected = odd_files(real)
+    src = tmp_path_factory.mktemp("odd_src")
+    files = {}
+    for i, (name, (data, _)) in enumerate(expected.items()):
+        files[f"train/{'ab'[i % 2]}_class/{name}"] = data  # two classes
+    files["train/readme.txt"] = b"loose file beside the class folders\n"
+    files["train/.ipynb_checkpoints/x.JPEG"] = expected["good_synthetic.JPEG"][0]  # not a class
+    write_tree(src, files)
+    out = tmp_path_factory.mktemp("odd_out")
+    m = make_shards(src, out, shard_samples=5, progress=False)
+    return src, out, m, expected
+
+
+def test_odd_inputs_are_converted_skipped_or_ignored(odd_shards):
+    src, out, m, expected = odd_shards
+    split = m["splits"]["train"]
+    want = Counter(v for _, v in expected.values())
+    assert split["inputs"] == want["keep"] + want["convert"] + want["skip"]
+    assert split["inputs"] == split["num_samples"] + len(split["skipped"])
+    assert split["num_samples"] == want["keep"] + want["convert"]
+    assert split["converted"] == want["convert"]
+    assert split["ignored"] == want["ignore"] + 2  # + the loose readme.txt and the hidden folder's file
+    assert m["classes"] == ["a_class", "b_class"]
+    reasons = {Path(s["path"]).name: s["reason"] for s in split["skipped"]}
+    assert reasons.keys() == {n for n, (_, v) in expected.items() if v == "skip"}
+    assert reasons["empty.JPEG"] == "empty file"
+    assert reasons["truncated.JPEG"].startswith("truncated")
+    assert reasons["garbage.JPEG"] == "not a recognised image format"
+    assert all(s["path"].startswith("train/") for s in split["skipped"])
+
+
+def test_converted_inputs_are_baseline_rgb_jpegs(odd_shards):
+    src, out, m, expected = odd_shards
+    samples = {Path(s["path"].decode()).name: s for s in _all_samples(out, "train")}
+    for name, s in samples.items():
+        data = s["jpg"]
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        assert (im.format, im.mode, ms._jpeg_sof(data)) == ("JPEG", "RGB", 0xC0), name
+        keep = expected[name][1] == "keep"
+        assert (data == (src / s["path"].decode()).read_bytes()) == keep, name
+    white = np.asarray(Image.open(io.BytesIO(samples["transparent.png"]["jpg"])))
+    assert white.min() >= 250  # transparent pixels composited on white, not black
+    grey16 = np.asarray(Image.open(io.BytesIO(samples["sixteen_bit.png"]["jpg"])).convert("L"), np.int32)
+    assert abs(grey16[-1, -1] - (119 * 160 + 159) * 3 // 256) <= 3  # high byte kept, not clipped at 255
+    assert 40 < grey16.mean() < 200
+
+
+def test_converted_inputs_decode_in_dali(odd_shards):
+    pytest.importorskip("nvidia.dali")
+    _, out, m, _ = odd_shards
+    split = pm.load_manifest(out).split("train")
+    labels, shapes = dali_read(split.tars, split.indexes, split.num_samples, batch_size=4)
+    assert labels == [int(s["cls"]) for s in _all_samples(out, "train")]
+    assert all(s[2] == 3 for s in shapes)
+
+
+def test_max_side_and_quality_reencode_everything(synthetic_root, tmp_path):
+    m = make_shards(synthetic_root, tmp_path, splits=["val"], max_side=128, quality=80, progress=False)
+    assert m["splits"]["val"]["converted"] == m["splits"]["val"]["num_samples"] == 32
+    for s in _all_samples(tmp_path, "val"):
+        im = Image.open(io.BytesIO(s["jpg"]))
+        assert max(im.size) == 128 and ms._jpeg_sof(s["jpg"]) == 0xC0
+
+
+# ---------------------------------------------------------------- real ImageNet files and layouts
+
+def test_real_imagenet_sample_two_workers(imagenet_sample, tmp_path):
+    """All 400 real files, one class folder each: odd-but-valid ones (greyscale) are converted."""
+    files = sorted(imagenet_sample.glob("*.JPEG"))
+    link_tree(tmp_path / "src", {f"train/{f.name.split('_')[0]}/{f.name}": f for f in files})
+    m = make_shards(tmp_path / "src", tmp_path / "out", workers=2, shard_bytes=8_000_000, progress=False)
+    split = m["splits"]["train"]
+    assert (split["num_samples"], split["skipped"], split["ignored"]) == (400, [], 0)
+    assert m["classes"] == sorted(f.name.split("_")[0] for f in files)
+    odd = sum(Image.open(f).mode != "RGB" or "progressive" in Image.open(f).info for f in files)
+    assert split["converted"] == odd > 0
+    assert all(sh["bytes"] <= 8_000_000 for sh in split["shards"]) and len(split["shards"]) >= 5
+    for s in _all_samples(tmp_path / "out", "train"):
+        assert m["classes"][int(s["cls"])] == s["path"].decode().split("/")[1]
+
+
+def _ilsvrc_tree(root: Path, imagenet_sample: Path) -> tuple[list[str], dict[str, str]]:
+    """train/<wnid>/ for 30 classes and a flat val/ of 12 images (ILSVRC2012_val_%08d.JPEG)."""
+    files = sorted(imagenet_sample.glob("*.JPEG"))
+    train, val = files[:30], files[:30:3][:10] + files[30:32]
+    link_tree(root, {f"train/{f.name.split('_')[0]}/{f.name}": f for f in train})
+    truth = {f"ILSVRC2012_val_{i:08d}": f.name.split("_")[0] for i, f in enumerate(val, 1)}
+    link_tree(root, {f"val/{k}.JPEG": f for k, f in zip(truth, val)})
+    (root / "val" / "ILSVRC2012_val_00000099.JPEG").symlink_to(files[40])  # no label anywhere
+    (root / "val" / "readme.txt").write_text("flat val\n")
+    return [f.name.split("_")[0] for f in files], truth
+
+
+def _check_val(m: dict, out: Path, truth: dict[str, str]) -> None:
+    assert m["classes"] == sorted(set(m["classes"]))
+    val = m["splits"]["val"]
+    assert (val["inputs"], val["num_samples"], val["ignored"]) == (13, 12, 1)
+    assert val["skipped"] == [{"path": "val/ILSVRC2012_val_00000099.JPEG",
+                               "reason": "no label for this file in --val-labels"}]
+    for s in _all_samples(out, "val"):
+        stem = Path(s["path"].decode()).stem
+        assert m["classes"][int(s["cls"])] == truth[stem]
+
+
+def test_ilsvrc_layout_with_kaggle_csv(imagenet_sample, tmp_path):
+    wnids, truth = _ilsvrc_tree(tmp_path / "src", imagenet_sample)
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text("ImageId,PredictionString\n" + "".join(
+        f"{k},{w} 10 20 110 120 {w} 5 5 50 50 \n" for k, w in reversed(truth.items())))
+    m = make_shards(tmp_path / "src", tmp_path / "out", val_labels=csv, progress=False)
+    assert m["classes"] == sorted(set(wnids[:32]))  # train folders + wnids named by the csv
+    assert m["settings"]["source"]["layout"] == {"train": "class-folders", "val": "flat"}
+    _check_val(m, tmp_path / "out", truth)
+
+
+def test_ilsvrc_layout_with_devkit_ground_truth(imagenet_sample, tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    wnids, truth = _ilsvrc_tree(tmp_path / "src", imagenet_sample)
+    # meta.mat: ILSVRC2012_IDs deliberately not in wnid order (as in the real devkit), plus a
+    # non-leaf synset that must not become a class.
+    leaves = sorted(set(wnids[:40]), reverse=True)
+    dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")]
+    synsets = np.array([(i, w, 0) for i, w in enumerate(leaves, 1)] + [(1001, "n00001740", 3)], dtype=dtype)
+    scipy_io.savemat(tmp_path / "meta.mat", {"synsets": synsets})
+    ids = {w: i for i, w in enumerate(leaves, 1)}
+    gt = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    gt.write_text("".join(f"{ids[w]}\n" for w in truth.values()))
+    with pytest.raises(ShardError, match="--meta"):
+        make_shards(tmp_path / "src", tmp_path / "out", val_labels=gt, progress=False)
+    m = make_shards(tmp_path / "src", tmp_path / "out2", val_labels=gt, meta=tmp_path / "meta.mat",
+                    progress=False)
+    _check_val(m, tmp_path / "out2", truth)
+
+
+def test_flat_split_without_labels_is_refused(imagenet_sample, tmp_path):
+    _ilsvrc_tree(tmp_path / "src", imagenet_sample)
+    with pytest.raises(ShardError, match="--val-labels"):
+        make_shards(tmp_path / "src", tmp_path / "out", progress=False)
+    m = make_shards(tmp_path / "src", tmp_path / "out", splits=["train"], progress=False)
+    assert list(m["splits"]) == ["train"]
+
+
+# ---------------------------------------------------------------- pieces and CLI
+
+def test_assign_shards_by_bytes_and_count():
+    assert ms.assign_shards([100] * 10, 10_000, 4) == [range(0, 4), range(4, 8), range(8, 10)]
+    # 1024 end-of-archive bytes + 3 samples of 3000 = 10024 > 10000: shards of two
+    assert ms.assign_shards([3000] * 5, 10_000, 100) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert ms.assign_shards([3000] * 5, 10_024, 100) == [range(0, 3), range(3, 5)]  # exactly full
+    assert ms.assign_shards([50_000, 10], 1_000, 100) == [range(0, 1), range(1, 2)]  # never empty
+    assert ms.assign_shards([], 1_000, 10) == []
+    assert ms.default_shard_samples(96) == 256 and ms.default_shard_samples(4000) == 500
+    assert ms.default_shard_samples(1_281_167) == 160_146  # ImageNet: the 1 GB cap decides
+
+
+@pytest.mark.parametrize("name,size", [("train_00000000.jpg", 7020), ("val_00000001.cls", 0), ("a" * 100, 8**11 - 1)])
+def test_tar_header_equals_tarfiles(name, size):
+    import tarfile
+
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mode, ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = size, 0o644, 0, 0, 0, "", ""
+    assert ms._tar_header(name, size) == ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def test_format_names_agree_with_pipeline_manifest():
+    assert (ms.FORMAT, ms.VERSION, ms.MANIFEST_NAME, ms.INDEX_VERSION) == (
+        pm.FORMAT, pm.VERSION, pm.MANIFEST_NAME, pm.INDEX_VERSION)
+
+
+def test_bad_arguments_say_what_to_do(synthetic_root, tmp_path):
+    with pytest.raises(ShardError, match="split 'test' not found"):
+        make_shards(synthetic_root, tmp_path, splits=["test"], progress=False)
+    with pytest.raises(ShardError, match="quality"):
+        make_shards(synthetic_root, tmp_path, quality=0, progress=False)
+
+
+def test_cli_module_and_entry_point(synthetic_root, tmp_path):
+    from click.testing import CliRunner
+
+    r = CliRunner().invoke(ms.main, ["--src", str(synthetic_root), "--out", str(tmp_path / "o"),
+                                     "--split", "val", "--workers", "1", "--shard-samples", "10",
+                                     "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "val: 32 inputs = 32 written + 0 skipped (0 non-image files ignored); 0 converted; 4 shards" \
+        in r.output
+    r = CliRunner().invoke(ms.main, ["--src", str(synthetic_root), "--out", str(tmp_path / "o"),
+                                     "--split", "val", "--seed", "3", "--no-progress"])
+    assert r.exit_code == 1 and "--overwrite" in r.output
+    exe = Path(sys.executable).parent / "imt-make-shards"
+    if not exe.exists():
+        pytest.skip("imt-make-shards not installed (pip install -e .)")
+    assert "--shard-bytes" in subprocess.run([str(exe), "--help"], capture_output=True, text=True).stdout

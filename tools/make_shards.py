@@ -1,0 +1,746 @@
+"""Turns an ImageNet-style folder tree into shuffled WebDataset shards with DALI index files.
+
+    python tools/make_shards.py --src DIR --out DIR [--split train --split val] [--workers 8]
+    python -m tools.make_shards ...            imt-make-shards ...
+
+Inputs (`--src` holds one folder per split; by default every split folder found is made):
+- class-per-folder splits, `<src>/<split>/<class>/**/<image>` (torchvision ImageFolder's layout;
+  files directly in a split folder that has class folders are ignored, as ImageFolder does);
+- the official ILSVRC2012 layout: `train/<wnid>/*.JPEG` plus the *flat* `val/` folder (no
+  subfolders), labelled by `--val-labels` = either the devkit's
+  `ILSVRC2012_validation_ground_truth.txt` (line i = ILSVRC2012_ID of ILSVRC2012_val_%08d, i) with
+  `--meta meta.mat` from the same devkit (maps ILSVRC2012_IDs to wnids), or Kaggle's
+  `LOC_val_solution.csv` (ImageId,PredictionString; the first token is the wnid).
+Labels are indices into the sorted class names (folder names plus every wnid the label file
+names), exactly as ImageFolder assigns them, so ImageNet indices match torchvision's models.
+Hidden folders (.ipynb_checkpoints, ...) are not classes; their files count as ignored.
+
+Output: see pipeline/manifest.py and the README. Per sample `<split>_<NNNNNNNN>.jpg/.cls/.lbl/.path`:
+`.cls` is the ASCII decimal label, `.lbl` the label as one little-endian int64 (8 bytes, read by
+DALI's fn.readers.webdataset with dtypes=INT64 without parsing text), `.path` the UTF-8 source path
+relative to --src. The key is the position in the split's seeded global shuffle (no dots).
+
+Every file is opened and fully decoded by PIL (plus PIL's verify() for non-JPEG formats, where
+it checks e.g. PNG chunk CRCs; for JPEG it does nothing). What is kept, converted or skipped:
+- baseline (SOF0) 8-bit RGB JPEGs that end with an EOI marker: bytes copied unchanged;
+- progressive / extended JPEGs, greyscale, CMYK/YCCK, palette, alpha, 16-bit, and other formats
+  (PNG, GIF, BMP, WebP, TIFF, ... whatever the file is named): re-encoded as a baseline 4:2:0 RGB
+  JPEG at quality 95 (or --quality), which PIL and nvJPEG's hardware decoder (baseline only)
+  read. Alpha is composited on white; 16-bit samples keep their 8 high bits;
+- EXIF orientation is left alone (bytes unchanged; converted images keep stored pixel order and
+  drop EXIF), matching torchvision's ImageFolder, which ignores it. DALI's decoders rotate by
+  EXIF unless `adjust_orientation=False`: 1 of the 400 imagenet-sample files carries a tag;
+- empty, truncated or undecodable files are skipped and listed in the manifest with the reason;
+- files without an image extension (.txt, .xml, .mat, hidden files, ...) are ignored and counted.
+
+Shards are cut at --shard-bytes (default 1 GB, ImageNet: ~140 train shards) or --shard-samples.
+Without --shard-samples, small splits are still cut into at least MIN_SHARDS (8) shards of at least
+MIN_SHARD_SAMPLES (256) samples, so 8 DataLoader workers or ranks each get whole shards.
+
+Steps: list -> check every image (parallel, --workers processes) -> seeded shuffle -> assign
+shards by exact tar size -> write each tar and its .idx in the same pass (parallel, one shard per
+task) -> manifest.json. The output is a pure function of the input listing and the settings: any
+--workers gives the same bytes. Each shard is written to a .tmp name and renamed (.idx first, so a
+.tar never appears without its index); `.imt-progress.json` records the settings and the finished
+shards, so re-running the same command after an interruption rewrites only what is missing and
+ends with byte-identical output. Other settings in a used --out are refused unless --overwrite
+(the settings include the absolute --src path and the label files' sha256). Check results are
+saved per split (.imt-cache/), so a resume after the check phase does not decode everything again;
+converted images wait there too, and the folder is removed when the manifest is written.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import warnings
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python tools/make_shards.py`: make `tools` and `pipeline` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import click
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+from tqdm import tqdm
+
+# The shard format's names, as pipeline/manifest.py reads them (tests/tools check they agree). Not
+# imported from there: `pipeline/__init__` imports torch (2.2 s), paid again by every spawned worker.
+FORMAT, VERSION, MANIFEST_NAME, INDEX_VERSION = "imt-shards", 1, "manifest.json", "v1.2"
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
+                        ".webp", ".ppm", ".pgm", ".pbm", ".pnm"})
+DEFAULT_QUALITY = 95
+MIN_SHARDS = 8
+MIN_SHARD_SAMPLES = 256
+PROGRESS_NAME = ".imt-progress.json"
+CACHE_NAME = ".imt-cache"
+FAIL_AFTER_ENV = "IMT_MAKE_SHARDS_FAIL_AFTER"  # tests: raise after N shards (a deterministic "kill")
+TAR_BLOCK = 512
+TAR_RECORD = 10240
+
+
+class ShardError(ValueError):
+    """Bad arguments or an output folder we must not touch; the message says what to do."""
+
+
+class BadImage(Exception):
+    """An input that cannot become a sample; str() is the reason recorded in the manifest."""
+
+
+class SimulatedInterrupt(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Convert:
+    """How images are checked and re-encoded (part of the settings that decide the bytes)."""
+    max_side: int | None = None
+    quality: int | None = None  # None: keep good JPEGs, convert the rest at DEFAULT_QUALITY
+
+
+@dataclass(frozen=True)
+class Item:
+    """One listed input file of a split, in sorted listing order."""
+    rel: str            # path relative to --src, '/'-separated
+    label: int          # -1: no label (flat split and the label file does not name it)
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Checked:
+    """Validation result of one Item: final size/crc of the sample's JPEG bytes or a skip reason."""
+    size: int = 0
+    crc: int = 0
+    converted: str | None = None  # why it was re-encoded
+    skipped: str | None = None    # why it was dropped
+
+
+# --------------------------------------------------------------------------- image checks
+
+def _jpeg_sof(data: bytes) -> int | None:
+    """The SOFn marker of a JPEG (0xC0 = baseline), by walking the segments before the scan."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):
+            return m
+        if m == 0xDA:
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im)
+        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
+            a = a.astype(np.int64) >> 8  # 16-bit samples: keep the high byte
+        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", im.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def check_image(data: bytes, conv: Convert) -> tuple[bytes | None, str | None]:
+    """Verify and fully decode `data`. Returns (None, None) to keep the bytes unchanged, or
+    (new baseline RGB JPEG bytes, reason). Raises BadImage(reason) for unusable input."""
+    if not data:
+        raise BadImage("empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            im = Image.open(io.BytesIO(data))
+            if im.format != "JPEG":  # PIL's verify() checks PNG CRCs etc. but is a no-op for JPEG,
+                im.verify()          # where the full decode below is the check; skipping the re-open
+                im = Image.open(io.BytesIO(data))  # saves ~0.12 ms of 2.5 ms per ImageNet JPEG
+            im.load()  # full decode: truncated or corrupt scan data raises here
+        except UnidentifiedImageError:
+            raise BadImage("not a recognised image format") from None
+        except Image.DecompressionBombError as e:
+            raise BadImage(f"too large: {e}") from None
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data; none may stop the run
+            kind = "truncated" if "truncated" in str(e) else "undecodable"
+            raise BadImage(f"{kind} {getattr(e, '__class__').__name__}: {e}") from None
+    fmt = im.format or "unknown"
+    reasons = []
+    if fmt not in ("JPEG", "MPO"):
+        reasons.append(f"{fmt} data")
+    else:
+        if im.mode != "RGB":
+            reasons.append(f"{im.mode} JPEG")
+        sof = _jpeg_sof(data)
+        if sof != 0xC0:
+            reasons.append("progressive JPEG" if sof == 0xC2 else f"non-baseline JPEG (SOF {sof})")
+        if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+            reasons.append("no JPEG end marker")
+    if fmt not in ("JPEG", "MPO") and im.mode != "RGB":
+        reasons.append(f"mode {im.mode}")
+    if conv.max_side and max(im.size) > conv.max_side:
+        reasons.append(f"resized to {conv.max_side}")
+    if conv.quality is not None and not reasons:
+        reasons.append(f"re-encoded at quality {conv.quality}")
+    if not reasons:
+        return None, None
+    return _encode(im, conv), ", ".join(reasons)
+
+
+def _encode(im: Image.Image, conv: Convert) -> bytes:
+    icc = im.info.get("icc_profile") if im.mode == "RGB" else None  # a grey/CMYK profile is wrong for RGB
+    im = _to_rgb(im)
+    if conv.max_side and max(im.size) > conv.max_side:
+        s = conv.max_side / max(im.size)
+        im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))),
+                       Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    extra = {"icc_profile": icc} if icc else {}
+    im.save(buf, "JPEG", quality=conv.quality or DEFAULT_QUALITY, subsampling=2,
+            progressive=False, optimize=False, **extra)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- listing
+
+def _walk_files(folder: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        out.extend(Path(dirpath) / f for f in sorted(filenames))
+    return out
+
+
+def _is_image_name(p: Path) -> bool:
+    return not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS
+
+
+def read_val_labels(labels: Path, meta: Path | None) -> dict[str, str]:
+    """{image stem: wnid} from Kaggle's LOC_val_solution.csv or the devkit's ground truth + meta.mat."""
+    labels = Path(labels)
+    if labels.suffix.lower() == ".csv":
+        out = {}
+        for line in labels.read_text().splitlines()[1:]:
+            if line.strip():
+                image_id, pred = line.split(",", 1)
+                out[image_id.strip()] = pred.split()[0]
+        return out
+    if meta is None:
+        raise ShardError(f"{labels} is a devkit ground-truth file: also pass --meta <devkit>/data/meta.mat "
+                         "to map its ILSVRC2012_IDs to wnids (or use Kaggle's LOC_val_solution.csv)")
+    import scipy.io  # only needed for this layout
+
+    synsets = scipy.io.loadmat(str(meta), squeeze_me=True)["synsets"]
+    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    out = {}
+    for i, line in enumerate(labels.read_text().split(), start=1):
+        if int(line) not in id_to_wnid:
+            raise ShardError(f"{labels}: line {i} names ILSVRC2012_ID {line}, not a leaf class in {meta}")
+        out[f"ILSVRC2012_val_{i:08d}"] = id_to_wnid[int(line)]
+    return out
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    """Class folders of a split, sorted. Hidden ones (.ipynb_checkpoints, ...) are not classes:
+    ImageFolder would make them one and then fail on it; their files are counted as ignored."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _split_layout(folder: Path) -> str:
+    return "class-folders" if _class_dirs(folder) else "flat"
+
+
+def list_split(src: Path, split: str, class_index: dict[str, int],
+               flat_labels: dict[str, str] | None) -> tuple[list[Item], int]:
+    """(image items in sorted order, number of ignored non-image files)."""
+    folder = src / split
+    items, ignored = [], 0
+
+    def add(p: Path, label: int):
+        st = p.stat()
+        items.append(Item(p.relative_to(src).as_posix(), label, st.st_size, st.st_mtime_ns))
+
+    if _split_layout(folder) == "flat":
+        if flat_labels is None:
+            raise ShardError(f"{folder} has no class folders (the ILSVRC2012 flat val layout): pass "
+                             "--val-labels LOC_val_solution.csv, or the devkit ground truth with --meta")
+        for p in sorted(folder.iterdir()):
+            if p.is_file() and _is_image_name(p):
+                wnid = flat_labels.get(p.name.split(".")[0])
+                add(p, class_index[wnid] if wnid is not None else -1)
+            elif p.is_file():
+                ignored += 1
+        return items, ignored
+    classes = _class_dirs(folder)
+    for p in sorted(folder.iterdir()):
+        if p not in classes:  # loose files beside class folders (ImageFolder ignores them too)
+            ignored += len(_walk_files(p)) if p.is_dir() else 1
+            continue
+        for f in _walk_files(p):
+            if _is_image_name(f):
+                add(f, class_index[p.name])
+            else:
+                ignored += 1
+    return items, ignored
+
+
+def find_splits(src: Path, splits) -> list[str]:
+    found = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not splits:
+        splits = found
+    for s in splits:
+        if s not in found:
+            raise ShardError(f"split {s!r} not found under {src} (found: {', '.join(found) or 'nothing'})")
+        if not s.replace("_", "").replace("-", "").isalnum():
+            raise ShardError(f"split name {s!r}: use letters, digits, '_' or '-' (keys must have no dots)")
+    if not splits:
+        raise ShardError(f"{src} holds no split folders; expected e.g. {src}/train/<class>/*.JPEG")
+    return list(splits)
+
+
+# --------------------------------------------------------------------------- workers
+
+def _cache_file(out: Path, split: str, i: int) -> Path:
+    return out / CACHE_NAME / split / f"{i:08d}.jpg"
+
+
+def _check_task(args) -> tuple[int, Checked]:
+    """Worker: validate one file; converted bytes go to the cache (not back through the pipe)."""
+    i, path, cache, conv = args
+    try:
+        data = Path(path).read_bytes()
+        new, reason = check_image(data, conv)
+    except BadImage as e:
+        return i, Checked(skipped=str(e))
+    except OSError as e:
+        return i, Checked(skipped=f"unreadable: {e}")
+    if new is None:
+        return i, Checked(size=len(data), crc=zlib.crc32(data))
+    _atomic_write(Path(cache), new)
+    return i, Checked(size=len(new), crc=zlib.crc32(new), converted=reason)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _sample_bytes(src: Path, out: Path, split: str, i: int, rel: str, chk: Checked, conv: Convert) -> bytes:
+    """Final JPEG bytes of a sample: the source file, or the cached (or redone) conversion."""
+    if chk.converted is None:
+        data = (src / rel).read_bytes()
+    else:
+        cache = _cache_file(out, split, i)
+        try:
+            data = cache.read_bytes()
+        except FileNotFoundError:  # cache lost (e.g. resumed after a crash): conversion is deterministic
+            data = check_image((src / rel).read_bytes(), conv)[0] or b""
+    if len(data) != chk.size or zlib.crc32(data) != chk.crc:
+        raise ShardError(f"{src / rel} changed while shards were being made; re-run with --overwrite")
+    return data
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """The ustar header tarfile.TarInfo(name, size, mode 0644, mtime 0, uid/gid 0).tobuf(USTAR)
+    writes, built directly: tarfile's generic path cost 0.09 ms a member, 4 members a sample."""
+    raw = name.encode()
+    if len(raw) > 100 or size >= 8**11:
+        raise ValueError(f"tar member {name!r} ({size} bytes) does not fit a ustar header")
+    head = (raw.ljust(100, b"\0") + b"0000644\0" + b"0000000\0" * 2 + b"%011o\0" % size
+            + b"00000000000\0" + b" " * 8 + b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 64
+            + b"\0" * 16 + b"\0" * 155)  # uname, gname; devmajor/minor left empty as tarfile does
+    head = head.ljust(TAR_BLOCK, b"\0")
+    chksum = b"%06o\0 " % sum(head)
+    return head[:148] + chksum + head[156:]
+
+
+def _pad(n: int) -> int:
+    return -n % TAR_BLOCK
+
+
+def _members(key: str, data: bytes, label: int, rel: str) -> list[tuple[str, bytes]]:
+    return [(f"{key}.jpg", data), (f"{key}.cls", str(label).encode()),
+            (f"{key}.lbl", label.to_bytes(8, "little", signed=True)), (f"{key}.path", rel.encode())]
+
+
+def _sample_tar_size(size: int, label: int, rel: str) -> int:
+    sizes = (size, len(str(label)), 8, len(rel.encode()))
+    return sum(TAR_BLOCK + s + _pad(s) for s in sizes)
+
+
+def _tar_end(pos: int) -> bytes:
+    end = pos + 2 * TAR_BLOCK
+    return b"\0" * (2 * TAR_BLOCK + (-end % TAR_RECORD))  # end blocks, padded to a record like tar
+
+
+def _write_task(args) -> dict:
+    """Worker: write one shard's tar and .idx in one pass (offsets counted as we go), then rename."""
+    src, out, split, name, samples, conv = args
+    tar_path, idx_path = out / f"{name}.tar", out / f"{name}.idx"
+    tar_tmp, idx_tmp = out / f"{name}.tar.tmp", out / f"{name}.idx.tmp"
+    sha, pos, lines = hashlib.sha256(), 0, []
+    with open(tar_tmp, "wb") as f:
+        def put(b: bytes):
+            nonlocal pos
+            f.write(b)
+            sha.update(b)
+            pos += len(b)
+
+        for key, i, rel, label, chk in samples:
+            data = _sample_bytes(src, out, split, i, rel, chk, conv)
+            parts = []
+            for member, payload in _members(key, data, label, rel):
+                put(_tar_header(member, len(payload)))
+                parts.append(f"{member.split('.', 1)[1]} {pos} {len(payload)} {member}")
+                put(payload)
+                put(b"\0" * _pad(len(payload)))
+            lines.append(" ".join(parts))
+        put(_tar_end(pos))
+    idx = f"{INDEX_VERSION} {len(samples)}\n" + "".join(line + "\n" for line in lines)
+    idx_tmp.write_text(idx)
+    os.replace(idx_tmp, idx_path)  # index first: a visible .tar always has its .idx
+    os.replace(tar_tmp, tar_path)
+    return {"file": tar_path.name, "index": idx_path.name, "num_samples": len(samples),
+            "sha256": sha.hexdigest(), "bytes": pos, "index_bytes": len(idx.encode())}
+
+
+# --------------------------------------------------------------------------- planning
+
+def assign_shards(sample_sizes: list[int], shard_bytes: int, shard_samples: int) -> list[range]:
+    """Cut the shuffled samples into consecutive shards: a shard closes before the sample that
+    would take its tar past shard_bytes, or at shard_samples samples (never empty)."""
+    shards, start, cur = [], 0, 2 * TAR_BLOCK
+    for j, s in enumerate(sample_sizes):
+        if j > start and (cur + s > shard_bytes or j - start >= shard_samples):
+            shards.append(range(start, j))
+            start, cur = j, 2 * TAR_BLOCK
+        cur += s
+    if len(sample_sizes) > start:
+        shards.append(range(start, len(sample_sizes)))
+    return shards
+
+
+def default_shard_samples(n: int) -> int:
+    return max(MIN_SHARD_SAMPLES, -(-n // MIN_SHARDS))
+
+
+def _listing_fingerprint(items: list[Item]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.rel}\t{it.label}\t{it.size}\t{it.mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _load_plan(out: Path, split: str, fingerprint: str) -> list[Checked] | None:
+    p = out / CACHE_NAME / f"{split}.plan.json"
+    if not p.is_file():
+        return None
+    d = json.loads(p.read_text())
+    if d["fingerprint"] != fingerprint:
+        raise ShardError(f"the files under --src/{split} changed since the interrupted run in {out}; "
+                         "re-run with --overwrite to start again")
+    return [Checked(*r) for r in d["results"]]
+
+
+def _save_plan(out: Path, split: str, fingerprint: str, results: list[Checked]) -> None:
+    rows = [[c.size, c.crc, c.converted, c.skipped] for c in results]
+    _atomic_write(out / CACHE_NAME / f"{split}.plan.json",
+                  json.dumps({"fingerprint": fingerprint, "results": rows}).encode())
+
+
+# --------------------------------------------------------------------------- output folder
+
+def _is_tmp(p: Path) -> bool:
+    """A half-written file of ours: `<name>.tmp` (shards) or `<name>.tmp<pid>` (_atomic_write)."""
+    return re.fullmatch(r".+\.tmp\d*", p.name) is not None
+
+
+def _ours(p: Path) -> bool:
+    return p.name in (MANIFEST_NAME, PROGRESS_NAME, CACHE_NAME) or p.suffix in (".tar", ".idx") or _is_tmp(p)
+
+
+def _remove_ours(out: Path) -> None:
+    for p in out.iterdir():
+        if _ours(p):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _settings_diff(old: dict, new: dict) -> str:
+    old, new = _flatten(old), _flatten(new)
+    keys = sorted(set(old) | set(new))
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
+def _prepare_out(out: Path, settings: dict, overwrite: bool) -> tuple[dict, dict | None]:
+    """Returns (finished shards from an interrupted run, complete manifest or None)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        _remove_ours(out)
+        return {}, None
+    refuse = (f"; use another --out, or pass --overwrite to delete its shards and start again")
+    prog, man = out / PROGRESS_NAME, out / MANIFEST_NAME
+    if prog.is_file():
+        saved = json.loads(prog.read_text())
+        if saved["settings"] != settings:
+            raise ShardError(f"{out} holds an unfinished run with other settings "
+                             f"({_settings_diff(saved['settings'], settings)}){refuse}")
+        return saved["done"], None
+    if man.is_file():
+        saved = json.loads(man.read_text())
+        if saved.get("settings") != settings:
+            raise ShardError(f"{out} holds shards made with other settings "
+                             f"({_settings_diff(saved.get('settings') or {}, settings)}){refuse}")
+        done = {s["file"]: s for sp in saved["splits"].values() for s in sp["shards"]}
+        return done, saved
+    if any(True for _ in out.iterdir()):
+        raise ShardError(f"{out} is not empty and holds no shard run{refuse}")
+    return {}, None
+
+
+def _is_done(out: Path, rec: dict | None) -> bool:
+    """Cheap check of a finished shard: both files present with the recorded sizes."""
+    if not rec:
+        return False
+    tar, idx = out / rec["file"], out / rec["index"]
+    return (tar.is_file() and idx.is_file() and tar.stat().st_size == rec["bytes"]
+            and idx.stat().st_size == rec["index_bytes"])
+
+
+def _save_progress(out: Path, settings: dict, done: dict) -> None:
+    _atomic_write(out / PROGRESS_NAME, json.dumps({"settings": settings, "done": done}, indent=1).encode())
+
+
+# --------------------------------------------------------------------------- driver
+
+def _imap(pool, fn, tasks, chunksize=1):
+    # ProcessPoolExecutor, not multiprocessing.Pool: when a worker dies (OOM killer) Pool replaces
+    # it and waits forever for the lost task; the executor raises BrokenProcessPool instead.
+    if pool is None:
+        return map(fn, tasks)
+    return pool.map(fn, tasks, chunksize=chunksize)
+
+
+def _make_split(src: Path, out: Path, split: str, items: list[Item], ignored: int, settings: dict,
+                conv: Convert, done: dict, pool, workers: int, progress: bool, fail_after: list) -> dict:
+    fingerprint = _listing_fingerprint(items)
+    results = _load_plan(out, split, fingerprint)
+    if results is None:  # check every file; results land by index, so worker order does not matter
+        results = [None] * len(items)
+        tasks = ((i, str(src / it.rel), str(_cache_file(out, split, i)), conv) for i, it in enumerate(items))
+        chunk = max(1, min(64, len(items) // (workers * 8) or 1))
+        with tqdm(total=len(items), desc=f"{split}: check", unit="img", disable=not progress,
+                  smoothing=0.05) as bar:
+            for i, chk in _imap(pool, _check_task, tasks, chunk):
+                if chk.skipped is None and items[i].label < 0:
+                    chk = Checked(skipped="no label for this file in --val-labels")
+                results[i] = chk
+                bar.update()
+        _save_plan(out, split, fingerprint, results)
+
+    good = [i for i, c in enumerate(results) if c.skipped is None]
+    random.Random(f"imt-shards/{settings['seed']}/{split}").shuffle(good)
+    sizes = [_sample_tar_size(results[i].size, items[i].label, items[i].rel) for i in good]
+    cap = settings["shard_samples"] or default_shard_samples(len(good))
+    shards = assign_shards(sizes, settings["shard_bytes"], cap)
+
+    specs, records = [], {}
+    for n, r in enumerate(shards):
+        name = f"{split}-{n:06d}"
+        if _is_done(out, done.get(f"{name}.tar")) and done[f"{name}.tar"]["num_samples"] == len(r):
+            records[name] = done[f"{name}.tar"]
+            continue
+        samples = [(f"{split}_{j:08d}", good[j], items[good[j]].rel, items[good[j]].label, results[good[j]])
+                   for j in r]
+        specs.append((src, out, split, name, samples, conv))
+    with tqdm(total=len(good), initial=sum(r["num_samples"] for r in records.values()),
+              desc=f"{split}: write", unit="img", disable=not progress, smoothing=0.05) as bar:
+        for rec in _imap(pool, _write_task, specs):
+            records[rec["file"][:-4]] = rec
+            done[rec["file"]] = rec
+            _save_progress(out, settings, done)
+            bar.update(rec["num_samples"])
+            fail_after[0] -= 1
+            if fail_after[0] == 0:
+                raise SimulatedInterrupt(f"{FAIL_AFTER_ENV}: stopping after a shard, as asked")
+    return {
+        "num_samples": len(good),
+        "inputs": len(items),
+        "shards": [records[f"{split}-{n:06d}"] for n in range(len(shards))],
+        "skipped": [{"path": items[i].rel, "reason": c.skipped} for i, c in enumerate(results) if c.skipped],
+        "ignored": ignored,
+        "converted": sum(c.converted is not None for c in results if c.skipped is None),
+    }
+
+
+def _check_args(shard_bytes, shard_samples, workers, max_side, quality) -> None:
+    if shard_bytes < 64 * 1024:
+        raise ShardError(f"shard_bytes={shard_bytes}: use at least 65536 (default 1e9)")
+    if shard_samples is not None and shard_samples < 1:
+        raise ShardError(f"shard_samples={shard_samples}: must be >= 1")
+    if workers < 1:
+        raise ShardError(f"workers={workers}: must be >= 1")
+    if max_side is not None and max_side < 16:
+        raise ShardError(f"max_side={max_side}: must be >= 16")
+    if quality is not None and not 1 <= quality <= 100:
+        raise ShardError(f"quality={quality}: must be 1..100")
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shard_samples: int | None = None,
+                workers: int = 1, seed: int = 0, max_side: int | None = None, quality: int | None = None,
+                overwrite: bool = False, progress: bool = True, val_labels=None, meta=None) -> dict:
+    """Make (or finish) the shards of `src` in `out`; returns the manifest dict (also written)."""
+    src, out = Path(src).resolve(), Path(out).resolve()
+    if not src.is_dir():
+        raise ShardError(f"--src {src} is not a folder")
+    _check_args(shard_bytes, shard_samples, workers, max_side, quality)
+    splits = find_splits(src, splits)
+    layouts = {s: _split_layout(src / s) for s in splits}
+    flat = [s for s in splits if layouts[s] == "flat"]
+    if flat and not val_labels:
+        raise ShardError(f"{src / flat[0]} has no class folders (the ILSVRC2012 flat val layout): pass "
+                         "--val-labels LOC_val_solution.csv, or the devkit ground truth with --meta, "
+                         f"or leave it out with --split")
+    flat_labels = read_val_labels(Path(val_labels), Path(meta) if meta else None) if flat else None
+    names = {p.name for s in splits if layouts[s] == "class-folders" for p in _class_dirs(src / s)}
+    if flat_labels:
+        names |= set(flat_labels.values())
+    classes = sorted(names)
+    class_index = {c: i for i, c in enumerate(classes)}
+
+    source = {"path": str(src), "layout": layouts}
+    if flat_labels:
+        source["val_labels"] = {"file": Path(val_labels).name, "sha256": _file_sha(val_labels)}
+        if meta:
+            source["meta"] = {"file": Path(meta).name, "sha256": _file_sha(meta)}
+    settings = {"seed": seed, "shard_bytes": shard_bytes, "shard_samples": shard_samples,
+                "min_shards": MIN_SHARDS if shard_samples is None else None,
+                "max_side": max_side, "quality": quality, "convert_quality": quality or DEFAULT_QUALITY,
+                "splits": list(splits), "source": source}
+    settings = json.loads(json.dumps(settings))  # the JSON form, as saved, so comparisons are exact
+    done, complete = _prepare_out(out, settings, overwrite)
+    if complete is not None and all(_is_done(out, r) for r in done.values()):
+        if progress:
+            click.echo(f"{out}: already complete with these settings (pass --overwrite to remake)")
+        return complete
+    for p in out.iterdir():  # half-written files of an interrupted run
+        if _is_tmp(p) and p.is_file():
+            p.unlink()
+    _save_progress(out, settings, done)
+
+    conv = Convert(max_side=max_side, quality=quality)
+    fail_after = [int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)]
+    # spawn, not fork: the caller may hold threads (torch, DALI) that a forked child would inherit locked
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
+    load_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # must raise
+    try:
+        split_info = {}
+        for s in splits:
+            items, ignored = list_split(src, s, class_index, flat_labels if layouts[s] == "flat" else None)
+            split_info[s] = _make_split(src, out, s, items, ignored, settings, conv, done, pool, workers,
+                                        progress, fail_after)
+    except BrokenProcessPool as e:
+        raise ShardError(f"a worker process died ({e}; out of memory?); finished shards are kept: "
+                         "re-run the same command to resume, perhaps with fewer --workers") from e
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = load_truncated
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    manifest = {"format": FORMAT, "version": VERSION, "classes": classes, "settings": settings,
+                "splits": split_info}
+    _atomic_write(out / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
+    (out / PROGRESS_NAME).unlink(missing_ok=True)
+    shutil.rmtree(out / CACHE_NAME, ignore_errors=True)
+    return manifest
+
+
+def summary(manifest: dict) -> str:
+    lines = []
+    for name, s in manifest["splits"].items():
+        lines.append(f"{name}: {s['inputs']} inputs = {s['num_samples']} written + {len(s['skipped'])} skipped"
+                     f" ({s['ignored']} non-image files ignored); {s['converted']} converted; "
+                     f"{len(s['shards'])} shards")
+        for sk in s["skipped"][:10]:
+            lines.append(f"  skipped {sk['path']}: {sk['reason']}")
+        if len(s["skipped"]) > 10:
+            lines.append(f"  ... {len(s['skipped']) - 10} more skipped (see manifest.json)")
+    lines.append(f"{len(manifest['classes'])} classes")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--src", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder with one subfolder per split (train/, val/, ...).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for shards.")
+@click.option("--split", "splits", multiple=True, help="Split to make (repeatable); default: all found.")
+@click.option("--workers", default=os.cpu_count() or 1, type=click.IntRange(1),
+              help="Worker processes (output is identical for any count).")
+@click.option("--seed", default=0, type=int, help="Seed of the global shuffle.")
+@click.option("--shard-bytes", default=1_000_000_000, type=click.IntRange(65536), help="Max tar size.")
+@click.option("--shard-samples", default=None, type=click.IntRange(1),
+              help=f"Max samples per shard [default: none; small splits get >= {MIN_SHARDS} shards "
+                   f"of >= {MIN_SHARD_SAMPLES}]")
+@click.option("--max-side", default=None, type=click.IntRange(16), help="Resize so the longer side is <= N.")
+@click.option("--quality", default=None, type=click.IntRange(1, 100),
+              help=f"Re-encode every image at this JPEG quality [default: keep good JPEGs, "
+                   f"convert others at {DEFAULT_QUALITY}]")
+@click.option("--val-labels", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Labels of a flat (ILSVRC2012) val folder: LOC_val_solution.csv or the devkit's "
+                   "ILSVRC2012_validation_ground_truth.txt (with --meta).")
+@click.option("--meta", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="The devkit's data/meta.mat (ILSVRC2012_ID -> wnid).")
+@click.option("--overwrite", is_flag=True, help="Delete shards of another run in --out and start again.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars.")
+def main(src, out, splits, workers, seed, shard_bytes, shard_samples, max_side, quality, val_labels, meta,
+         overwrite, progress):
+    """Make shuffled WebDataset shards + DALI indexes + manifest.json from an ImageNet-style tree."""
+    t0 = time.perf_counter()
+    try:
+        manifest = make_shards(src, out, splits=splits or None, shard_bytes=shard_bytes,
+                               shard_samples=shard_samples, workers=workers, seed=seed, max_side=max_side,
+                               quality=quality, overwrite=overwrite, progress=progress,
+                               val_labels=val_labels, meta=meta)
+    except ShardError as e:
+        raise click.ClickException(str(e)) from None
+    dt = time.perf_counter() - t0
+    n = sum(s["inputs"] for s in manifest["splits"].values())
+    click.echo(summary(manifest))
+    click.echo(f"{out}: {n} images in {dt:.1f} s ({n / max(dt, 1e-9):.0f} img/s, {workers} workers)")
+
+
+if __name__ == "__main__":
+    from tools.make_shards import main as _main  # workers pickle functions of the package module
+
+    _main()
