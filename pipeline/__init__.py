@@ -1,0 +1,38 @@
+"""Input pipelines behind one contract (see pipeline.common.Loader):
+
+    loader = build_loader(cfg, "train", dist, train=True)
+    for images, labels in loader: ...   # normalised, channels-last, cfg.dtype, on dist.device
+
+Backends are imported lazily so that the synthetic loader works without DALI or webdataset.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .common import Loader
+from .config import DataConfig
+
+if TYPE_CHECKING:
+    from train.dist import DistInfo
+
+LOADERS = ("dali", "torch", "folder", "synthetic")
+
+
+def build_loader(cfg: DataConfig, split: str, dist: "DistInfo", *, train: bool) -> Loader:
+    """The loader for `split` of `cfg.path` on this rank (dist.rank of dist.world_size)."""
+    if cfg.loader == "synthetic":
+        from .synthetic import SyntheticLoader
+        return SyntheticLoader(cfg, dist.device, train=train, rank=dist.rank)
+    if cfg.loader == "dali":
+        from .dali import DaliLoader
+        return DaliLoader(cfg, split, dist, train=train)
+    if cfg.loader == "torch":
+        from .torch_baseline import ShardLoader
+        return ShardLoader(cfg, split, dist, train=train)
+    if cfg.loader == "folder":
+        from .torch_baseline import FolderLoader
+        return FolderLoader(cfg, split, dist, train=train)
+    raise ValueError(f"DataConfig.loader={cfg.loader!r}: expected one of {', '.join(LOADERS)}")
+
+
+__all__ = ["DataConfig", "Loader", "LOADERS", "build_loader"]

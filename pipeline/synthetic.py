@@ -1,0 +1,52 @@
+"""The model-bound ceiling: one batch of random normalised images made once on the device and
+yielded again and again, so the loop measures the model and nothing else."""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+
+from .common import torch_dtype
+from .config import DataConfig
+
+DEFAULT_BATCHES = 50  # per epoch when cfg.synthetic_samples == 0
+
+
+class SyntheticLoader:
+    """Follows the Loader contract. `cfg.synthetic_samples` counts samples per epoch *per rank*
+    (0: 50 full batches); the last batch is partial when it does not divide evenly."""
+
+    def __init__(self, cfg: DataConfig, device: torch.device, *, train: bool, rank: int = 0):
+        self.cfg, self.device, self.train, self.rank = cfg, torch.device(device), train, rank
+        self.dtype = torch_dtype(cfg.dtype)
+        self.num_samples = cfg.synthetic_samples or DEFAULT_BATCHES * cfg.batch_size
+        self.classes = tuple(f"class_{i:04d}" for i in range(cfg.synthetic_classes))
+        self.epoch = 0
+        self._make(cfg.resolution if train else cfg.val_resolution)
+
+    def _make(self, px: int) -> None:
+        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed * 1000 + self.rank)
+        n = self.cfg.batch_size
+        # Made on the CPU with a seeded generator (same values on any device), copied once.
+        images = torch.randn(n, 3, px, px, generator=g).to(self.device, self.dtype)
+        self.images = images.contiguous(memory_format=torch.channels_last)
+        self.labels = torch.randint(0, self.cfg.synthetic_classes, (n,), generator=g).to(self.device)
+        self.resolution = px
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.cfg.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        left = self.num_samples
+        while left > 0:
+            n = min(left, self.cfg.batch_size)
+            left -= n
+            yield self.images[:n], self.labels[:n]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch  # nothing to reshuffle: the data carries no information
+
+    def set_resolution(self, px: int) -> None:
+        if px != self.resolution:
+            self._make(px)

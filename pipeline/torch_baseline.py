@@ -1,0 +1,241 @@
+"""The torchvision baseline: DataLoader workers decode with libjpeg-turbo (torchvision.io) and
+augment uint8 tensors with transforms.v2, over the same shards DALI reads ("torch") or over an
+ImageFolder tree ("folder").
+
+    loader = ShardLoader(cfg, "train", dist, train=True)     # or FolderLoader(...)
+    for images, labels in loader: ...   # N x 3 x H x W channels-last, cfg.dtype, on dist.device
+
+The usual care, no handicap: `cfg.workers` processes, pinned memory on CUDA, persistent
+workers, `prefetch_factor=cfg.prefetch`, uint8 batches over the pipe (4x fewer bytes than
+float32) and normalisation on the GPU. With no GPU the workers normalise (the main process is
+one core; the workers are many).
+
+Exactly once per epoch, across ranks *and* workers: each epoch has one sample order, the same on
+every rank (a permutation seeded by (seed, epoch) for training, the stored order for
+validation); rank r takes the range [N*r//W, N*(r+1)//W), cuts it into batches
+(common.rank_batches: every rank gets the same number of non-empty batches, no padding
+duplicates), and worker k builds batches k, k + workers, ..., which the DataLoader returns in
+order. Samples are read from the tars by offset through their DALI index (the bytes DALI reads),
+so the split is exact by sample rather than by shard as webdataset's splitters would be.
+Augmentations are seeded per (seed, epoch, rank, batch), so the output does not depend on the
+number of workers. Epoch and resolution live in shared memory, so `set_epoch` and
+`set_resolution` reach persistent workers without restarting them.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms import v2
+
+from .common import MEAN, STD, load_split, num_batches, rank_batches, torch_dtype
+from .config import DataConfig
+
+
+def _seed(*parts: int) -> int:
+    s = 0x9E3779B9
+    for p in parts:
+        s = (s * 1_000_003 + int(p) + 1) % (2**63 - 1)
+    return s
+
+
+class ShardSource:
+    """Random access to the samples of one split's shards through their index files."""
+
+    def __init__(self, split):
+        self.entries: list[tuple[int, int, int, int, str]] = []  # shard, offset, size, label, key
+        self.tars = [str(s.tar) for s in split.shards]
+        for si, shard in enumerate(split.shards):
+            with open(shard.index) as idx:
+                next(idx)
+                for line in idx:
+                    f = line.split()
+                    comp = {ext: (int(off), int(size), name)
+                            for ext, off, size, name in zip(f[0::4], f[1::4], f[2::4], f[3::4])}
+                    off, size, name = comp["jpg"]
+                    self.entries.append((si, off, size, comp["lbl"][0], name.rsplit(".", 1)[0]))
+        self._files: dict[int, object] = {}  # opened lazily, per worker process
+        self._labels: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def key(self, i: int) -> str:
+        return self.entries[i][4]
+
+    def read(self, i: int) -> tuple[torch.Tensor, int]:
+        si, off, size, lbl_off, key = self.entries[i]
+        f = self._files.get(si) or self._files.setdefault(si, open(self.tars[si], "rb"))
+        f.seek(lbl_off)
+        label = int.from_bytes(f.read(8), "little", signed=True)
+        f.seek(off)
+        data = torch.frombuffer(bytearray(f.read(size)), dtype=torch.uint8)
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB), label
+        except RuntimeError as e:
+            raise RuntimeError(f"sample {key} in {self.tars[si]} does not decode ({e}); run "
+                               f"`imt-verify-shards {Path(self.tars[si]).parent}` and remake the "
+                               "shards with `imt-make-shards`") from e
+
+    def __getstate__(self):  # open files stay behind; each worker opens its own
+        return {**self.__dict__, "_files": {}}
+
+
+class FolderSource:
+    """torchvision ImageFolder's listing (sorted classes, its extensions), decoded with torchvision.io."""
+
+    def __init__(self, root: Path):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such folder (loader='folder' reads "
+                                    f"<path>/<split>/<class>/*.JPEG)")
+        self.classes, class_to_idx = find_classes(str(root))
+        self.samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def key(self, i: int) -> str:
+        return str(Path(self.samples[i][0]).relative_to(self.root))
+
+    def read(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        try:
+            data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+            return decode_image(data, mode=ImageReadMode.RGB), label
+        except RuntimeError as e:
+            raise RuntimeError(f"{path} does not decode ({e}); remove or replace it") from e
+
+
+def _transform(train: bool, px: int, cfg: DataConfig):
+    if train:
+        return v2.Compose([v2.RandomResizedCrop(px, scale=(cfg.min_area, 1.0), ratio=(3 / 4, 4 / 3),
+                                                antialias=True),
+                           v2.RandomHorizontalFlip()])
+    return v2.Compose([v2.Resize(int(cfg.val_resolution / cfg.val_resize_ratio), antialias=True),
+                       v2.CenterCrop(cfg.val_resolution)])
+
+
+def normalise(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 N x 3 x H x W (any layout) -> normalised `dtype`, channels-last, on images' device."""
+    x = images.contiguous(memory_format=torch.channels_last).float()
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255)
+    return x.sub_(mean).mul_(inv_std).to(dtype)
+
+
+class _Batches(IterableDataset):
+    """Yields this rank's batches for the current epoch; worker k makes batches k, k+W, ..."""
+
+    def __init__(self, source, cfg: DataConfig, *, train: bool, rank: int, world: int,
+                 normalise_to: torch.dtype | None, keys: bool):
+        self.source, self.cfg, self.train, self.rank, self.world = source, cfg, train, rank, world
+        self.normalise_to, self.keys = normalise_to, keys
+        # Shared with the workers (persistent or not): written by set_epoch / set_resolution.
+        self.epoch = mp.Value("q", 0, lock=False)
+        self.resolution = mp.Value("q", cfg.resolution if train else cfg.val_resolution, lock=False)
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        n = len(self.source)
+        if self.train:
+            g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch))
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        return rank_batches(order, self.world, self.rank, self.cfg.batch_size,
+                            self.train and self.cfg.drop_last)
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        epoch, px = self.epoch.value, self.resolution.value
+        tf = _transform(self.train, px, self.cfg)
+        for b, idx in enumerate(self.plan(epoch)):
+            if b % nw != wid:
+                continue
+            torch.manual_seed(_seed(self.cfg.seed, epoch, self.rank, b))
+            images, labels = [], []
+            for i in idx:
+                img, label = self.source.read(i)
+                images.append(tf(img))
+                labels.append(label)
+            images = torch.stack(images)
+            if self.normalise_to is not None:
+                images = normalise(images, self.normalise_to)
+            out = (images, torch.tensor(labels, dtype=torch.int64))
+            yield out + ((tuple(self.source.key(i) for i in idx),) if self.keys else ())
+
+
+def _worker_context():
+    """The forkserver imports torch and this module once; each worker is then a cheap fork of it
+    (without the preload every worker imported torch itself: the pipeline tests took 100 s instead of 30)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torchvision", __name__])
+    return ctx
+
+
+class _TorchLoader:
+    def __init__(self, source, classes, cfg: DataConfig, dist, *, train: bool, keys: bool = False):
+        self.cfg, self.train = cfg, train
+        self.device, self.dtype = torch.device(dist.device), torch_dtype(cfg.dtype)
+        self.classes = tuple(classes)
+        n, w, b = len(source), dist.world_size, cfg.batch_size
+        self._len = num_batches(n, w, b, train and cfg.drop_last)
+        if n < w or self._len == 0:
+            raise ValueError(f"{n} samples: too few for {w} ranks with batch size {b}"
+                             f"{' and drop_last' if train and cfg.drop_last else ''}")
+        on_cpu = self.device.type == "cpu"
+        self.dataset = _Batches(source, cfg, train=train, rank=dist.rank, world=w,
+                                normalise_to=self.dtype if on_cpu else None, keys=keys)
+        self.num_samples = sum(len(x) for x in self.dataset.plan(0))
+        workers = max(0, cfg.workers)
+        # Workers start from a forkserver, not by fork(): a process that already runs DALI, OpenMP or
+        # tqdm threads can fork a child holding one of their locks, and the worker then waits forever
+        # (seen in this project's test suite: a worker stuck at 0% CPU after DALI tests had run in the
+        # same process). Persistent workers pay the start-up (importing torch) once per loader.
+        self.loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=max(1, cfg.prefetch) if workers > 0 else None,
+            multiprocessing_context=_worker_context() if workers > 0 else None)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch.value = epoch
+
+    def set_resolution(self, px: int) -> None:
+        if not self.train:
+            raise ValueError("set_resolution is for training loaders; validation uses cfg.val_resolution")
+        self.dataset.resolution.value = int(px)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.loader:
+            images, labels = batch[0], batch[1]
+            if self.device.type != "cpu":
+                images = normalise(images.to(self.device, non_blocking=True), self.dtype)
+                labels = labels.to(self.device, non_blocking=True)
+            yield (images, labels) + tuple(batch[2:])
+
+
+class ShardLoader(_TorchLoader):
+    """loader="torch": the shards of cfg.path (manifest.json), read by the DataLoader workers."""
+
+    def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False):
+        manifest, sp = load_split(cfg.path, split)
+        super().__init__(ShardSource(sp), manifest.classes, cfg, dist, train=train, keys=keys)
+
+
+class FolderLoader(_TorchLoader):
+    """loader="folder": torchvision ImageFolder's layout, cfg.path/<split>/<class>/*."""
+
+    def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False):
+        source = FolderSource(Path(cfg.path) / split)
+        super().__init__(source, source.classes, cfg, dist, train=train, keys=keys)
