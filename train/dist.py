@@ -85,3 +85,41 @@ def broadcast_object(obj, info: DistInfo, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def any_true(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when it is True on any (stop requests: ranks must leave the loop together,
+    or the next collective hangs)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([int(flag)], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (small objects: RNG states, fingerprints)."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel on one device per process (the model as is on one process). DDP broadcasts
+    rank 0's parameters and buffers at construction, so every rank starts from the same weights."""
+    if not info.distributed:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                     find_unused_parameters=find_unused_parameters)
+
+
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BN running statistics) to every rank. DDP broadcasts them at the start of
+    each forward, but the last training step leaves each rank with stats updated on its own batch; evaluating
+    and checkpointing after this call uses the same model on every rank."""
+    if info.distributed:
+        for b in module.buffers():
+            dist.broadcast(b, src=src)

@@ -1,0 +1,131 @@
+"""Checkpoints: round trip (weights_only), RNG states, tampering, truncation, pickled code, fallback to the
+previous checkpoint, keep-last-K/best, and refusing a checkpoint of another model or class list."""
+from __future__ import annotations
+
+import pickle
+import random
+import signal
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from train.checkpoint import (CheckpointDir, CheckpointError, StopFlag, check_compatible, find_resume,
+                              list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+
+
+def _state(step=1):
+    return {"model": {"w": torch.full((64, 64), float(step))}, "arch": "resnet18", "classes": ["a", "b"],
+            "epoch": step, "step": step, "rng": [rng_state()], "config": {"run": {"epochs": 3}}}
+
+
+def test_round_trip_is_weights_only(tmp_path):
+    path = save_checkpoint(_state(3), tmp_path / "c.pt")
+    assert not list(tmp_path.glob("*.tmp"))  # temporary files renamed away
+    state = load_checkpoint(path)
+    assert torch.equal(state["model"]["w"], torch.full((64, 64), 3.0)) and state["classes"] == ["a", "b"]
+    torch.load(path, weights_only=True)  # plain torch can read it too
+
+
+def test_rng_states_round_trip():
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    saved = rng_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(2), np.random.seed(2), random.seed(2)
+    set_rng_state(saved)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+def test_flipped_byte_is_refused(tmp_path):
+    path = save_checkpoint(_state(), tmp_path / "c.pt")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensor payload: torch itself would load wrong values
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="corrupt: sha256"):
+        load_checkpoint(path)
+
+
+def test_truncated_is_refused(tmp_path):
+    path = save_checkpoint(_state(), tmp_path / "c.pt")
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+    (tmp_path / "c.pt.sha256").unlink()  # without the digest: torch's zip reader still refuses it
+    with pytest.warns(UserWarning, match="without an integrity check"):
+        with pytest.raises(CheckpointError, match="weights_only=True"):
+            load_checkpoint(path)
+
+
+class Payload:
+    """Unpickling this would call print(): code a weights_only load must refuse to run."""
+
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickled_code_is_refused_even_with_a_matching_digest(tmp_path, capsys):
+    state = _state()
+    state["extra"] = Payload()
+    path = save_checkpoint(state, tmp_path / "c.pt")  # sidecar matches: the attacker rewrote both
+    with pytest.raises(CheckpointError, match="pickled code"):
+        load_checkpoint(path)
+    assert "pwned" not in capsys.readouterr().out
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps({"model": {}, "arch": "x"}))  # a plain pickle, not torch's zip format
+    with pytest.warns(UserWarning):
+        with pytest.raises(CheckpointError):
+            load_checkpoint(raw)
+
+
+def test_auto_resume_falls_back_past_a_corrupt_newest(tmp_path):
+    ck = CheckpointDir(tmp_path, keep_last=5, is_main=True)
+    for step in (4, 8, 12):
+        ck.save(_state(step), epoch=step // 4, step=step)
+    newest = list_checkpoints(tmp_path)[0]
+    assert newest.name == "epoch0003-step00000012.pt"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    with pytest.warns(UserWarning, match="skipping epoch0003-step00000012.pt"):
+        path, state = find_resume(tmp_path)
+    assert path.name == "epoch0002-step00000008.pt" and state["step"] == 8
+    for p in list_checkpoints(tmp_path):
+        p.write_bytes(b"garbage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CheckpointError, match="no usable checkpoint"):
+            find_resume(tmp_path)
+    assert find_resume(tmp_path / "empty") is None
+
+
+def test_keep_last_and_best(tmp_path):
+    ck = CheckpointDir(tmp_path, keep_last=2, is_main=True)
+    for step in range(1, 6):
+        ck.save(_state(step), epoch=step, step=step, best=step == 2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch0005-step00000005.pt", "epoch0004-step00000004.pt"]
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 2
+    assert sorted(p.name for p in tmp_path.glob("*.sha256")) == sorted(
+        ["best.pt.sha256", "epoch0005-step00000005.pt.sha256", "epoch0004-step00000004.pt.sha256"])
+    assert CheckpointDir(tmp_path / "other", 2, is_main=False).save(_state(), 1, 1) is None
+
+
+def test_incompatible_checkpoint_says_what_differs():
+    state = _state()
+    check_compatible(state, "resnet18", ["a", "b"])
+    with pytest.raises(CheckpointError, match="holds a resnet18 but this run builds a resnet50"):
+        check_compatible(state, "resnet50", ["a", "b"])
+    with pytest.raises(CheckpointError, match="2 classes in the checkpoint vs 3"):
+        check_compatible(state, "resnet18", ["a", "b", "c"])
+    with pytest.raises(CheckpointError, match="class 1 is 'b' in the checkpoint but 'z'"):
+        check_compatible(state, "resnet18", ["a", "z"])
+
+
+def test_stop_flag_handler():
+    flag = StopFlag().install()
+    try:
+        assert not flag.requested
+        signal.raise_signal(signal.SIGTERM)  # the handler only records it
+        assert flag.requested and flag.signum == signal.SIGTERM
+    finally:
+        flag.restore()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

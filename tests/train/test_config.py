@@ -1,0 +1,80 @@
+"""Config: recipes load and validate, overrides are typed, unknown keys are refused by name."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.config import RECIPES, Config, ConfigError, from_dict, load_config, parse_override, resolve
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
+def test_every_recipe_loads(name):
+    cfg = load_config(name, {"data.path": "/data/shards"})
+    assert cfg.run.epochs > 0 and cfg.data.batch_size > 0
+    assert from_dict(cfg.to_dict()) == cfg  # config.json round-trips
+
+
+def test_required_recipes_exist():
+    names = {p.stem for p in RECIPES.glob("*.yaml")}
+    assert {"resnet50_imagenet", "resnet50_fast", "resnet18_16ep", "imagenette_quick", "synthetic_quick"} <= names
+
+
+def test_overrides_beat_recipe_and_are_typed():
+    cfg = load_config("resnet50_imagenet", {"data.path": "x", "optim.lr": "0.2", "run.epochs": "3",
+                                            "optim.milestones": "[1, 2]", "run.tta_flip": "true",
+                                            "model.pretrained": "none"})
+    assert cfg.optim.lr == 0.2 and cfg.run.epochs == 3 and cfg.optim.milestones == (1, 2)
+    assert cfg.run.tta_flip is True and cfg.model.pretrained is None
+    assert cfg.model.arch == "resnet50"  # from the recipe
+
+
+def test_parse_override():
+    assert parse_override("optim.lr=0.5") == ("optim.lr", 0.5)
+    assert parse_override("optim.milestones=[3, 6]") == ("optim.milestones", [3, 6])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("lr0.5")
+
+
+def test_unknown_key_names_key_and_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, {"data.path": "x", "optim.learning_rate": 1})
+    assert "optim.learning_rate" in str(e.value) and "momentum" in str(e.value)
+    with pytest.raises(ConfigError, match="unknown override 'optimizer.lr'"):
+        load_config(None, {"data.path": "x", "optimizer.lr": 1})
+
+
+def test_unknown_key_in_recipe_file(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  path: x\nrun:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"run\.epoch;.*epochs"):
+        load_config(bad)
+    bad.write_text("trainer:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="unknown section 'trainer'"):
+        load_config(bad)
+
+
+def test_bad_values_are_refused():
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(None, {"data.path": "x", "run.epochs": "many"})
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        load_config(None, {"data.path": "x", "optim.schedule": "exp"})
+    with pytest.raises(ConfigError, match="torchvision classification model"):
+        load_config(None, {"data.path": "x", "model.arch": "resnet51"})
+    with pytest.raises(ConfigError, match="data.path is empty"):
+        load_config(None, {})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("no_such_recipe", {"data.path": "x"})
+
+
+def test_resolve_cpu_precision():
+    cfg = load_config(None, {"data.loader": "synthetic"})
+    r = resolve(cfg, torch.device("cpu"))
+    assert r.precision.dtype in ("bfloat16", "float32") and r.data.dtype == r.precision.dtype
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert r.precision.dtype == "float32"  # emulated bf16 is ~15x slower here
+    with pytest.raises(ConfigError, match="float16 needs a CUDA"):
+        resolve(load_config(None, {"data.loader": "synthetic", "precision.dtype": "float16"}),
+                torch.device("cpu"))
+    assert isinstance(Config().to_json(), str)

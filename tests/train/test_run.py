@@ -1,0 +1,167 @@
+"""The trainer end to end on the CPU: loss goes down with each loader, stop-and-resume is exact, SIGTERM
+leaves a loadable checkpoint, a NaN loss stops the run keeping the last good checkpoint, and the CLI runs
+as a script, a module and with bad options."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.checkpoint import StopFlag, list_checkpoints, load_checkpoint
+from train.config import load_config
+from train.run import train
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+TINY = {"model.arch": "resnet18", "data.batch_size": 8, "data.resolution": 32, "data.val_resolution": 32,
+        "data.workers": 1, "optim.warmup_epochs": 0, "optim.label_smoothing": 0.0, "run.log_every": 2,
+        "run.tensorboard": False, "run.deterministic": True, "run.device": "cpu"}
+SYNTH = {**TINY, "data.loader": "synthetic", "data.synthetic_samples": 32, "data.synthetic_classes": 4,
+         "data.dtype": "float32"}
+
+
+def _cfg(tmp_path, name="run", **over):
+    return load_config(None, {**SYNTH, "run.out": str(tmp_path / name), **over})
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_synthetic_run_learns_and_writes_everything(tmp_path):
+    summary = train(_cfg(tmp_path, **{"run.epochs": 3, "optim.lr": 0.4}))
+    out = tmp_path / "run"
+    rows = _rows(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    for key in ("train_loss", "val_top1", "val_top5", "images_per_sec", "data_wait_fraction", "lr", "resolution",
+                "epoch_time"):
+        assert key in rows[0]
+    assert 0 <= rows[0]["data_wait_fraction"] < 1 and rows[0]["images_per_sec"] > 0
+    assert json.loads((out / "config.json").read_text())["precision"]["dtype"] in ("float32", "bfloat16")
+    assert (out / "report" / "per_class.csv").is_file() and (out / "report" / "confusion.csv").is_file()
+    assert (out / "checkpoints" / "best.pt").is_file() and summary["best"]["epoch"] >= 1
+    state = load_checkpoint(list_checkpoints(out / "checkpoints")[0])
+    assert state["epoch"] == 3 and state["step"] == 12 and state["arch"] == "resnet18"
+    assert len(state["classes"]) == 4 and state["config"]["run"]["epochs"] == 3
+
+
+class StopAfter(StopFlag):
+    """Asks to stop after `n` looks (the loop looks once per step in one process): a simulated preemption."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.looks = n, 0
+
+    @property
+    def requested(self) -> bool:
+        self.looks += 1
+        if self.looks > self.n and self.signum is None:
+            self.signum = signal.SIGTERM
+        return self.signum is not None
+
+
+def _params(out: Path) -> dict:
+    state = load_checkpoint(list_checkpoints(out / "checkpoints")[0])
+    return {**{f"model.{k}": v for k, v in state["model"].items()},
+            **{f"momentum.{k}": v["momentum_buffer"] for k, v in state["optimizer"]["state"].items()},
+            **{f"ema.{k}": v for k, v in state["ema"].items()}}
+
+
+def _assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
+
+
+@pytest.mark.parametrize("loader", ["synthetic", "torch"])
+def test_stop_and_resume_is_exact(tmp_path, loader, request):
+    over = {"run.epochs": 2, "optim.ema_decay": 0.9, "optim.schedule": "cosine", "optim.warmup_epochs": 0.5}
+    if loader == "torch":
+        pytest.importorskip("webdataset")
+        shards = request.getfixturevalue("synthetic_shards")
+        over.update({"data.loader": "torch", "data.path": str(shards), "data.batch_size": 16,
+                     "run.max_steps_per_epoch": 3, "data.dtype": "float32"})
+    train(_cfg(tmp_path, "whole", **over))
+    stopped = train(_cfg(tmp_path, "split", **over), stop=StopAfter(5))  # epoch 2, step 1 of 4 (or 2 of 3)
+    assert stopped["stopped"] == signal.SIGTERM and "epoch0001" in stopped["checkpoint"]
+    done = train(_cfg(tmp_path, "split", **{**over, "run.resume": "auto"}))
+    assert "stopped" not in done
+    _assert_same(_params(tmp_path / "whole"), _params(tmp_path / "split"))
+    assert [r["epoch"] for r in _rows(tmp_path / "split")] == [1, 2]
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_loss_goes_down_on_shards(tmp_path, synthetic_shards, loader):
+    pytest.importorskip("nvidia.dali" if loader == "dali" else "webdataset")
+    cfg = load_config(None, {**TINY, "data.loader": loader, "data.path": str(synthetic_shards),
+                             "data.dali_device": "cpu", "data.batch_size": 16, "data.min_area": 0.5,
+                             "optim.lr": 0.8, "run.epochs": 4, "run.out": str(tmp_path / loader),
+                             "run.deterministic": False})
+    summary = train(cfg)
+    rows = _rows(tmp_path / loader)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"], [r["train_loss"] for r in rows]
+    assert summary["final"]["val_count"] == 32  # every validation image exactly once
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    train(_cfg(tmp_path, **{"run.epochs": 1}))
+    ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
+    before = {p.name: p.stat().st_mtime_ns for p in ckpts}
+    r = subprocess.run([PY, "-m", "train.run", "--loader", "synthetic", "--arch", "resnet18", "--epochs", "2",
+                        "--batch-size", "8", "--resolution", "32", "--out", str(tmp_path / "run"), "--resume",
+                        "auto", "--device", "cpu", "--lr", "1e30", "--set", "data.synthetic_samples=32",
+                        "--set", "data.synthetic_classes=4", "--set", "run.log_every=1", "--set",
+                        "run.tensorboard=false"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "NonFiniteLoss" in r.stderr and "last checkpoint is kept" in r.stderr and "Traceback" not in r.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in list_checkpoints(tmp_path / "run" / "checkpoints")}
+    assert after == before
+
+
+def test_resume_refuses_another_architecture(tmp_path):
+    train(_cfg(tmp_path, **{"run.epochs": 1}))
+    from train.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="holds a resnet18 but this run builds a resnet34"):
+        train(_cfg(tmp_path, **{"run.epochs": 2, "run.resume": "auto", "model.arch": "resnet34"}))
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [PY, "train/run.py", "--loader", "synthetic", "--arch", "resnet18", "--batch-size", "8",
+           "--resolution", "32", "--out", str(out), "--device", "cpu", "--set", "data.synthetic_samples=80",
+           "--set", "data.synthetic_classes=4", "--set", "run.log_every=1", "--set", "run.tensorboard=false"]
+    proc = subprocess.Popen(cmd + ["--epochs", "50"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+            time.sleep(0.2)
+        time.sleep(1.0)  # into the second epoch
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by signal" in stdout and "Traceback" not in stderr
+    state = load_checkpoint(list_checkpoints(out / "checkpoints")[0])
+    assert state["step"] > 10 and state["epoch"] >= 1
+    r = subprocess.run(cmd + ["--epochs", str(state["epoch"] + 1), "--resume", "auto"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout and "done: resnet18" in r.stdout
+
+
+def test_cli_errors_are_clear(tmp_path):
+    r = subprocess.run([PY, "train/run.py", "--loader", "synthetic", "--out", str(tmp_path), "--set",
+                        "optim.learnign_rate=1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "optim.learnign_rate" in r.stderr and "valid keys" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([PY, "-m", "train.run", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--recipe" in r.stdout and "--set" in r.stdout

@@ -1,0 +1,103 @@
+"""Models: any torchvision classification model by name, in channels-last, plus the pieces of the recipe
+that live on the model (zero-init residuals, SyncBN, compile, optimizer parameter groups)."""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+# Auxiliary-classifier weights in the loss (torchvision's references: Inception v3 0.4, GoogLeNet 0.3).
+AUX_WEIGHT = {"inception_v3": 0.4, "googlenet": 0.3}
+
+
+def build_model(arch: str, num_classes: int, *, zero_init_residual: bool = False) -> nn.Module:
+    """A randomly initialised torchvision model with a `num_classes` head (on the CPU, float32)."""
+    kwargs = {}
+    if arch in ("inception_v3", "googlenet"):
+        kwargs["init_weights"] = True  # torchvision warns when left implicit
+    try:
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    except ValueError as exc:
+        raise ValueError(f"unknown model {arch!r}: use a name from "
+                         "torchvision.models.list_models(module=torchvision.models)") from exc
+    if zero_init_residual:
+        zero_init_last_bn(model)
+    return model
+
+
+def zero_init_last_bn(model: nn.Module) -> int:
+    """Zero the last BN gamma of each ResNet-style block so each residual branch starts as the identity
+    (Goyal et al. 2017); returns how many blocks were found (0 for non-residual models)."""
+    n = 0
+    for m in model.modules():
+        bn = m.bn3 if isinstance(m, Bottleneck) else m.bn2 if isinstance(m, BasicBlock) else None
+        if bn is not None:
+            nn.init.zeros_(bn.weight)
+            n += 1
+    return n
+
+
+def prepare(model: nn.Module, device: torch.device, *, sync_bn: bool = False, distributed: bool = False) -> nn.Module:
+    """Move to the device in channels-last (NHWC: the layout tensor cores and oneDNN convolutions want)."""
+    if sync_bn and distributed:
+        if device.type != "cuda":
+            raise ValueError("model.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU/gloo path); "
+                             "set model.sync_bn=false for CPU runs")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def loss_function(arch: str, label_smoothing: float):
+    """Cross-entropy on the logits; for Inception/GoogLeNet in training mode (which return a namedtuple
+    with auxiliary logits) the auxiliary losses are added with torchvision's reference weights."""
+    ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    aux_weight = AUX_WEIGHT.get(arch, 0.0)
+
+    def loss_fn(output, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, torch.Tensor):
+            return ce(output, labels)
+        logits, *aux = output  # InceptionOutputs(logits, aux_logits) / GoogLeNetOutputs(logits, aux2, aux1)
+        loss = ce(logits, labels)
+        for a in aux:
+            if a is not None:
+                loss = loss + aux_weight * ce(a, labels)
+        return loss
+
+    return loss_fn
+
+
+def param_groups(model: nn.Module, weight_decay: float, *, no_bn_bias_decay: bool = True,
+                 head_names: tuple[str, ...] | list[str] = (), backbone_lr_mult: float = 1.0) -> list[dict]:
+    """Optimizer groups: {backbone, head} x {decay, no decay}. 1-d tensors (BN gamma/beta, biases) get no
+    weight decay when `no_bn_bias_decay` (decaying BN scales only fights the normalisation). Parameters
+    under `head_names` (module names, e.g. train.transfer.head_names(model)) keep the full lr; the rest is
+    scaled by `backbone_lr_mult`. Each group carries `lr_mult` for the schedule. Frozen parameters are left
+    out. Empty groups are dropped."""
+    heads = tuple(f"{h}." for h in head_names)
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = (bool(heads) and name.startswith(heads), not (no_bn_bias_decay and p.ndim <= 1))
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (is_head, decay), params in sorted(groups.items()):
+        out.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                    "lr_mult": 1.0 if (is_head or not heads) else backbone_lr_mult,
+                    "name": f"{'head' if is_head else 'backbone'}{'' if decay else '_no_decay'}"})
+    if not out:
+        raise ValueError("the model has no trainable parameters")
+    return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`), whose state-dict keys carry
+    no wrapper prefixes."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
