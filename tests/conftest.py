@@ -43,17 +43,20 @@ def synthetic_shards(synthetic_root, tmp_path_factory) -> Path:
     return out
 
 
+def _shared(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} not found (the real images live in ../shared/data; see its README)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def imagenet_sample() -> Path:
-    path = SHARED_DATA / "imagenet-sample"
-    if not path.is_dir():
-        pytest.skip(f"{path} not found (the real ImageNet sample lives in ../shared/data)")
-    return path
+    """400 real ImageNet JPEGs, one per class, odd files included."""
+    return _shared("imagenet-sample")
 
 
 @pytest.fixture(scope="session")
 def imagenette() -> Path:
-    path = SHARED_DATA / "imagenette-224"
-    if not path.is_dir():
-        pytest.skip(f"{path} not found (Imagenette lives in ../shared/data)")
-    return path
+    """Imagenette at 224 px: train/ and val/ with 10 wnid folders."""
+    return _shared("imagenette-224")

@@ -151,7 +151,7 @@ def check_compatible(state: dict, arch: str, classes: list[str] | tuple[str, ...
         extra = sorted(set(theirs) ^ set(ours))[:5]
         raise CheckpointError(f"{where} was trained on other classes: {what}"
                               + (f" (e.g. only in one of them: {', '.join(extra)})" if extra else "")
-                              + "; use the same --data, or fine-tune with --set model.pretrained=<checkpoint>")
+                              + "; use the same --data, or fine-tune from it with --pretrained <checkpoint>")
 
 
 class CheckpointDir:

@@ -24,6 +24,7 @@ from pipeline.config import DataConfig
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SCHEDULES = ("cosine", "step", "linear")
 PRECISIONS = ("auto", "bfloat16", "float16", "float32")
+FINETUNE_MODES = ("full", "linear")
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     arch: str = "resnet50"            # any torchvision classification model name (torchvision.models.list_models)
     pretrained: str | None = None     # checkpoint / state dict / "torchvision:<arch>" (see train.transfer)
+    finetune: str = "full"            # with pretrained: full (everything trains) | linear (probe: head only)
+    freeze_bn: bool = False           # keep BN running statistics at their pretrained values (small data)
     zero_init_residual: bool = True   # last BN gamma of each residual block = 0: every block starts as identity
     compile: bool = False             # torch.compile the model (first steps are slow while it compiles)
     sync_bn: bool = False             # SyncBatchNorm across ranks (small per-GPU batches); needs CUDA
@@ -227,6 +230,10 @@ def validate(cfg: Config) -> None:
     _check(d.loader in LOADERS, f"data.loader={d.loader!r}: expected one of {', '.join(LOADERS)}")
     _check(d.loader == "synthetic" or bool(d.path),
            f"data.path is empty: pass --data <folder written by imt-make-shards> (or --loader synthetic)")
+    _check(m.finetune in FINETUNE_MODES, f"model.finetune={m.finetune!r}: expected one of {', '.join(FINETUNE_MODES)}")
+    _check(m.pretrained or (m.finetune == "full" and not m.freeze_bn),
+           "model.finetune=linear and model.freeze_bn need pretrained weights: pass --pretrained <checkpoint, "
+           "state dict or torchvision:<arch>>")
     _check(d.batch_size > 0, f"data.batch_size={d.batch_size}: must be positive")
     _check(d.resolution >= 16 and d.val_resolution >= 16, "data.resolution/val_resolution: at least 16 px")
     _check(p.dtype in PRECISIONS, f"precision.dtype={p.dtype!r}: expected one of {', '.join(PRECISIONS)}")

@@ -2,6 +2,9 @@
 that live on the model (zero-init residuals, SyncBN, compile, optimizer parameter groups)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torchvision
 from torch import nn
@@ -89,6 +92,33 @@ def param_groups(model: nn.Module, weight_decay: float, *, no_bn_bias_decay: boo
     if not out:
         raise ValueError("the model has no trainable parameters")
     return out
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """What train.loop.train_step needs besides the model and the batch, built once per run."""
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: torch.autocast
+    loss_fn: Callable
+
+
+def build_step_parts(cfg, model: nn.Module, device: torch.device, heads: tuple[str, ...] | list[str] = ()) -> StepParts:
+    """SGD over `param_groups` (no decay on BN/bias; `heads` keep the full lr, the backbone gets
+    optim.backbone_lr_mult), and one precision code path: `autocast` enabled for bf16/fp16, a GradScaler
+    that is a no-op unless fp16 (bf16 has fp32's exponent range). `cfg` is a resolved train.config.Config.
+    The trainer and the benchmarks both build their step here, so they measure the same thing."""
+    from pipeline.common import torch_dtype
+
+    o, dtype = cfg.optim, cfg.precision.dtype
+    optimizer = torch.optim.SGD(
+        param_groups(model, o.weight_decay, no_bn_bias_decay=o.no_bn_bias_decay, head_names=heads,
+                     backbone_lr_mult=o.backbone_lr_mult),
+        lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    return StepParts(optimizer=optimizer,
+                     scaler=torch.amp.GradScaler(device.type, enabled=dtype == "float16"),
+                     autocast=torch.autocast(device.type, dtype=torch_dtype(dtype), enabled=dtype != "float32"),
+                     loss_fn=loss_function(cfg.model.arch, o.label_smoothing))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

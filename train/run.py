@@ -36,14 +36,13 @@ import numpy as np
 import torch
 
 from pipeline import LOADERS, build_loader
-from pipeline.common import torch_dtype
 from train import dist
 from train.checkpoint import (CheckpointDir, CheckpointError, StopFlag, check_compatible, find_resume,
                               load_checkpoint, rng_state, set_rng_state)
 from train.config import Config, ConfigError, load_config, parse_override, resolve
 from train.evaluate import EvalResult, evaluate, save_report
 from train.loop import NonFiniteLoss, train_one_epoch
-from train.model import build_model, loss_function, param_groups, prepare, unwrap
+from train.model import build_model, build_step_parts, prepare, unwrap
 from train.monitor import MetricsLog, Progress
 from train.schedule import LRSchedule, peak_lr, resolution_at
 
@@ -135,22 +134,23 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     model = build_model(cfg.model.arch, len(classes), zero_init_residual=cfg.model.zero_init_residual)
     heads: list[str] = []
     if cfg.model.pretrained:
-        from train.transfer import head_names, load_pretrained
+        from train.transfer import head_names, load_pretrained, set_trainable
         for line in load_pretrained(model, cfg.model.pretrained, cfg.model.arch).lines():
             say.write(line)
         heads = head_names(model)
+        trainable = set_trainable(model, cfg.model.finetune, cfg.model.freeze_bn)
+        frozen_bn = cfg.model.freeze_bn or cfg.model.finetune == "linear"  # a probe never updates BN statistics
+        say.write(f"fine-tuning ({cfg.model.finetune}{', BN statistics frozen' if frozen_bn else ''}): "
+                  f"{len(trainable)} of {len(list(model.parameters()))} parameter tensors train; backbone lr x "
+                  f"{cfg.optim.backbone_lr_mult:g}")
     model = prepare(model, device, sync_bn=cfg.model.sync_bn, distributed=info.distributed)
     o = cfg.optim
-    optimizer = torch.optim.SGD(
-        param_groups(model, o.weight_decay, no_bn_bias_decay=o.no_bn_bias_decay, head_names=heads,
-                     backbone_lr_mult=o.backbone_lr_mult),
-        lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    parts = build_step_parts(cfg, model, device, heads)
+    optimizer, scaler, autocast, loss_fn = parts.optimizer, parts.scaler, parts.autocast, parts.loss_fn
     steps = len(train_loader) if not run.max_steps_per_epoch else min(len(train_loader), run.max_steps_per_epoch)
     global_batch = cfg.data.batch_size * info.world_size
     schedule = LRSchedule(optimizer, o, peak_lr(o, global_batch), steps, run.epochs)
     dtype = cfg.precision.dtype
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 only: bf16 has fp32's range
-    autocast = torch.autocast(device.type, dtype=torch_dtype(dtype), enabled=dtype != "float32")
     ema = None
     if o.ema_decay:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -177,7 +177,6 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     net = dist.wrap_ddp(model, info)
     if cfg.model.compile:
         net = torch.compile(net)
-    loss_fn = loss_function(cfg.model.arch, o.label_smoothing)
     metrics = MetricsLog(out, info.is_main, run.tensorboard, start_epoch)
     should_stop = make_should_stop(stop, info, run.log_every)
     say.write(f"{cfg.model.arch} | {len(classes)} classes | {cfg.data.loader} loader | {info.world_size} rank(s) "
@@ -300,17 +299,24 @@ def print_summary(summary: dict) -> None:
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
 @click.option("--seed", type=int)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--pretrained", help="Start from these weights: one of our checkpoints, a torchvision state dict "
+              "file, or torchvision:<arch> from the torch hub cache (nothing is downloaded). The classifier is "
+              "replaced when the classes differ; every key that does not fit is reported.")
+@click.option("--finetune", type=click.Choice(["full", "linear"]), help="With --pretrained: 'full' trains "
+              "everything (backbone at optim.backbone_lr_mult x the lr), 'linear' only the new classifier.")
+@click.option("--freeze-bn/--no-freeze-bn", default=None, help="Keep BN statistics at their pretrained values.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override any config key, e.g. --set optim.ema_decay=0.9999 --set run.tta_flip=true.")
 def main(recipe, data_path, arch, epochs, batch_size, lr, resolution, loader, out, resume, precision, workers,
-         compile_, seed, device, sets):
+         compile_, seed, device, pretrained, finetune, freeze_bn, sets):
     """Train an image classifier; metrics, checkpoints and reports go to --out."""
     options = {"data.path": data_path, "model.arch": arch, "run.epochs": epochs, "data.batch_size": batch_size,
                "optim.lr": lr, "data.resolution": resolution, "data.val_resolution": resolution,
                "run.end_res": resolution,  # a progressive-resizing ramp ends at the final size
                "data.loader": loader, "run.out": out, "run.resume": resume, "precision.dtype": precision,
                "data.workers": workers, "model.compile": compile_, "run.seed": seed, "data.seed": seed,
-               "run.device": device}
+               "run.device": device, "model.pretrained": pretrained, "model.finetune": finetune,
+               "model.freeze_bn": freeze_bn}
     overrides = {k: v for k, v in options.items() if v is not None}
     try:
         overrides.update(parse_override(s) for s in sets)  # --set wins over the named options

@@ -165,3 +165,42 @@ def test_cli_errors_are_clear(tmp_path):
     assert "Traceback" not in r.stderr
     r = subprocess.run([PY, "-m", "train.run", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--recipe" in r.stdout and "--set" in r.stdout
+
+
+def test_finetune_from_our_checkpoint_linear_and_full(tmp_path):
+    """--pretrained through the CLI: a 4-class run's checkpoint fine-tuned on 3 classes. Linear probe: only the
+    new head moves (BN statistics too stay put); full: the backbone trains at backbone_lr_mult x the lr."""
+    from click.testing import CliRunner
+
+    from train.run import main
+
+    train(_cfg(tmp_path, "pre", **{"run.epochs": 1}))
+    pre = load_checkpoint(tmp_path / "pre" / "checkpoints" / "best.pt")
+    common = ["--loader", "synthetic", "--set", "data.synthetic_samples=24", "--set", "data.synthetic_classes=3",
+              "--set", "data.dtype=float32", "--arch", "resnet18", "--epochs", "1", "--batch-size", "8",
+              "--resolution", "32", "--device", "cpu", "--set", "run.tensorboard=false",
+              "--set", "optim.warmup_epochs=0", "--pretrained", str(tmp_path / "pre" / "checkpoints" / "best.pt")]
+    r = CliRunner().invoke(main, [*common, "--finetune", "linear", "--out", str(tmp_path / "lin")])
+    assert r.exit_code == 0, r.output
+    assert "classifier replaced (new classes): fc.weight, fc.bias" in r.output
+    assert "fine-tuning (linear, BN statistics frozen): 2 of 62 parameter tensors train" in r.output
+    lin = load_checkpoint(list_checkpoints(tmp_path / "lin" / "checkpoints")[0])
+    assert lin["model"]["fc.weight"].shape == (3, 512) and len(lin["classes"]) == 3
+    for k, v in pre["model"].items():
+        if not k.startswith("fc."):
+            assert torch.equal(lin["model"][k], v), k  # weights and running statistics untouched
+
+    r = CliRunner().invoke(main, [*common, "--finetune", "full", "--set", "optim.backbone_lr_mult=0.25",
+                                  "--set", "optim.schedule=step", "--set", "optim.milestones=[]",  # constant lr
+                                  "--out", str(tmp_path / "full")])
+    assert r.exit_code == 0, r.output
+    full = load_checkpoint(list_checkpoints(tmp_path / "full" / "checkpoints")[0])
+    assert not torch.equal(full["model"]["conv1.weight"], pre["model"]["conv1.weight"])
+    groups = {g["name"]: g for g in full["optimizer"]["param_groups"]}
+    assert groups["backbone"]["lr"] == pytest.approx(0.25 * groups["head"]["lr"]) and groups["head"]["lr"] > 0
+
+
+def test_linear_probe_needs_pretrained_weights(tmp_path):
+    from train.config import ConfigError
+    with pytest.raises(ConfigError, match="need pretrained weights: pass --pretrained"):
+        _cfg(tmp_path, **{"model.finetune": "linear"})
