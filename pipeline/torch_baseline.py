@@ -198,7 +198,9 @@ class _TorchLoader:
         # Workers start from a forkserver, not by fork(): a process that already runs DALI, OpenMP or
         # tqdm threads can fork a child holding one of their locks, and the worker then waits forever
         # (seen in this project's test suite: a worker stuck at 0% CPU after DALI tests had run in the
-        # same process). Persistent workers pay the start-up (importing torch) once per loader.
+        # same process). Persistent workers pay the start-up (importing torch) once per loader. As with
+        # any non-fork start method, a script that builds these loaders (or calls train.run.train) needs
+        # the `if __name__ == "__main__":` guard: the workers import the main module.
         self.loader = DataLoader(
             self.dataset, batch_size=None, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
