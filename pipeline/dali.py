@@ -93,7 +93,8 @@ def _graph(tars, indexes, *, train: bool, gpu: bool, size: int, resize_shorter: 
     else:
         images = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False,
                                    **decode_args)
-        resize, crop = _torchvision_resize_crop(fn.peek_image_shape(jpegs), resize_shorter, size)
+        resize, crop = _torchvision_resize_crop(
+            fn.peek_image_shape(jpegs, adjust_orientation=False), resize_shorter, size)
         images = fn.resize(images, **resize, interp_type=types.INTERP_LINEAR, antialias=True)
         mirror = 0
     images = fn.crop_mirror_normalize(

@@ -282,3 +282,24 @@ def test_undecodable_sample_names_shard_and_key(kind, shard_copy):
     with pytest.raises(RuntimeError, match=rf"{key}.*train-000001.tar|train-000001.tar.*{key}") as e:
         list(loader)
     assert "imt-verify-shards" in str(e.value)
+
+
+def test_validation_exif_rotated_matches_torchvision(tmp_path):
+    """EXIF orientation is ignored by both loaders (as ImageFolder/PIL does), so the centre-crop
+    geometry must come from the stored, unrotated width and height. Orientations 5-8 swap the two
+    when honoured; a shape read with rotation but decoded without it squashes the image."""
+    from tools.make_shards import make_shards
+
+    from tests.tools._shards import _orientation, _photo, jpeg
+
+    for i, o in enumerate((1, 5, 6, 7, 8)):
+        d = tmp_path / "src" / "val" / "c0"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i}.JPEG").write_bytes(jpeg(_photo(i, size=(200, 100)), quality=95, exif=_orientation(o)))
+    make_shards(tmp_path / "src", tmp_path / "out", workers=1, seed=0, progress=False)
+    cfg = _cfg(tmp_path / "out", val_resolution=48, dtype="float32", batch_size=5)
+    (x1, y1, k1), = list(_make("dali", cfg, "val", train=False))
+    (x2, y2, k2), = list(_make("torch", cfg, "val", train=False))
+    assert list(k1) == list(k2) and x1.shape == x2.shape == (5, 3, 48, 48)
+    d = (x1 - x2).abs().flatten(1).mean(1)
+    assert d.max() < 0.05, d
