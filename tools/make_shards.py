@@ -248,7 +248,11 @@ def read_val_labels(labels: Path, meta: Path | None) -> dict[str, str]:
     if meta is None:
         raise ShardError(f"{labels} is a devkit ground-truth file: also pass --meta <devkit>/data/meta.mat "
                          "to map its ILSVRC2012_IDs to wnids (or use Kaggle's LOC_val_solution.csv)")
-    import scipy.io  # only needed for this layout
+    try:
+        import scipy.io  # only needed for this layout
+    except ImportError as e:
+        raise ShardError(f"reading {meta} needs scipy: `pip install scipy` (or use Kaggle's "
+                         "LOC_val_solution.csv, which needs nothing)") from e
 
     synsets = scipy.io.loadmat(str(meta), squeeze_me=True)["synsets"]
     id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
@@ -304,8 +308,10 @@ def list_split(src: Path, split: str, class_index: dict[str, int],
     return items, ignored
 
 
-def find_splits(src: Path, splits) -> list[str]:
-    found = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+def find_splits(src: Path, splits, out: Path | None = None) -> list[str]:
+    """The split folders to make, sorted (the order they are named in does not change the output).
+    `out` is never a split, also when it lies inside `src`."""
+    found = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith(".") and p != out)
     if not splits:
         splits = found
     for s in splits:
@@ -315,7 +321,7 @@ def find_splits(src: Path, splits) -> list[str]:
             raise ShardError(f"split name {s!r}: use letters, digits, '_' or '-' (keys must have no dots)")
     if not splits:
         raise ShardError(f"{src} holds no split folders; expected e.g. {src}/train/<class>/*.JPEG")
-    return list(splits)
+    return sorted(set(splits))
 
 
 # --------------------------------------------------------------------------- workers
@@ -626,7 +632,8 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
     if not src.is_dir():
         raise ShardError(f"--src {src} is not a folder")
     _check_args(shard_bytes, shard_samples, workers, max_side, quality)
-    splits = find_splits(src, splits)
+    explicit = bool(splits)
+    splits = find_splits(src, splits, out)
     layouts = {s: _split_layout(src / s) for s in splits}
     flat = [s for s in splits if layouts[s] == "flat"]
     if flat and not val_labels:
@@ -634,6 +641,15 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
                          "--val-labels LOC_val_solution.csv, or the devkit ground truth with --meta, "
                          f"or leave it out with --split")
     flat_labels = read_val_labels(Path(val_labels), Path(meta) if meta else None) if flat else None
+    for s in flat:
+        if not any(p.name.split(".")[0] in flat_labels for p in (src / s).iterdir()):
+            # Kaggle's layout has an unlabelled flat test/ beside val/: never shard it as 100,000 skips.
+            why = f"no file in {src / s} is named in {val_labels} (an unlabelled test set?)"
+            if explicit:
+                raise ShardError(f"{why}: leave it out, naming the splits to make with --split")
+            click.echo(f"leaving out split {s!r}: {why}", err=True)
+            splits.remove(s)
+            del layouts[s]
     names = {p.name for s in splits if layouts[s] == "class-folders" for p in _class_dirs(src / s)}
     if flat_labels:
         names |= set(flat_labels.values())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -307,6 +308,34 @@ def test_flat_split_without_labels_is_refused(imagenet_sample, tmp_path):
         make_shards(tmp_path / "src", tmp_path / "out", progress=False)
     m = make_shards(tmp_path / "src", tmp_path / "out", splits=["train"], progress=False)
     assert list(m["splits"]) == ["train"]
+
+
+
+def test_kaggle_unlabelled_test_split_is_left_out(imagenet_sample, tmp_path):
+    """Kaggle's tree has a flat, unlabelled test/ beside val/: found by default, it is left out with a
+    message (not sharded as thousands of skips); named with --split, it is refused."""
+    wnids, truth = _ilsvrc_tree(tmp_path / "src", imagenet_sample)
+    files = sorted(imagenet_sample.glob("*.JPEG"))
+    link_tree(tmp_path / "src", {f"test/ILSVRC2012_test_{i:08d}.JPEG": f for i, f in enumerate(files[:5], 1)})
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text("ImageId,PredictionString\n" + "".join(f"{k},{w} 1 2 3 4\n" for k, w in truth.items()))
+    m = make_shards(tmp_path / "src", tmp_path / "out", val_labels=csv, progress=False)
+    assert list(m["splits"]) == ["train", "val"]
+    _check_val(m, tmp_path / "out", truth)
+    with pytest.raises(ShardError, match="unlabelled test set"):
+        make_shards(tmp_path / "src", tmp_path / "out2", splits=["test", "val"], val_labels=csv, progress=False)
+
+
+def test_split_order_and_out_inside_src(synthetic_root, tmp_path):
+    """The order splits are named in changes nothing (a resume with them swapped is the same run), and an
+    --out inside --src is not taken for a split when the command is run again."""
+    src = tmp_path / "src"
+    shutil.copytree(synthetic_root, src)
+    out = src / "shards"
+    first = make_shards(src, out, splits=["val", "train"], shard_samples=40, progress=False)
+    assert list(first["splits"]) == ["train", "val"]
+    assert make_shards(src, out, shard_samples=40, progress=False) == first
+    assert make_shards(src, out, splits=["train", "val"], shard_samples=40, progress=False) == first
 
 
 # ---------------------------------------------------------------- pieces and CLI
