@@ -135,7 +135,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     heads: list[str] = []
     if cfg.model.pretrained:
         from train.transfer import head_names, load_pretrained, set_trainable
-        for line in load_pretrained(model, cfg.model.pretrained, cfg.model.arch).lines():
+        for line in load_pretrained(model, cfg.model.pretrained, cfg.model.arch, classes).lines():
             say.write(line)
         heads = head_names(model)
         trainable = set_trainable(model, cfg.model.finetune, cfg.model.freeze_bn)

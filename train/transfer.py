@@ -110,10 +110,14 @@ def read_state(source: str | Path, arch: str = "") -> tuple[dict, dict]:
     raise PretrainedError(f"{path} is neither one of our checkpoints nor a state dict of tensors")
 
 
-def load_pretrained(model: nn.Module, source: str | Path, arch: str = "") -> TransferReport:
+def load_pretrained(model: nn.Module, source: str | Path, arch: str = "",
+                    classes: list[str] | None = None) -> TransferReport:
     """Copy every fitting tensor of `source` into `model`; the classifier keeps its fresh init when its
-    shape differs (new number of classes). Returns what happened to each key."""
+    shape differs (new number of classes) or when `source` is one of our checkpoints whose class names
+    are not `classes` (as many classes, other ones: its head's rows mean other things). Returns what
+    happened to each key."""
     state, meta = read_state(source, arch)
+    new_classes = classes is not None and meta.get("classes") is not None and list(meta["classes"]) != list(classes)
     if meta.get("arch") and arch and meta["arch"] != arch:
         raise PretrainedError(f"{source} holds a {meta['arch']} but the model is {arch}; "
                               f"pass --arch {meta['arch']} or another checkpoint")
@@ -123,11 +127,11 @@ def load_pretrained(model: nn.Module, source: str | Path, arch: str = "") -> Tra
     for k, v in state.items():
         if k not in target:
             continue
-        if target[k].shape == v.shape:
+        if k.startswith(heads) and (new_classes or target[k].shape != v.shape):
+            replaced.append(k)
+        elif target[k].shape == v.shape:
             fit[k] = v
             loaded.append(k)
-        elif k.startswith(heads):
-            replaced.append(k)
         else:
             mismatched.append(k)
     if not loaded:

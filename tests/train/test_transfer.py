@@ -55,6 +55,22 @@ def test_wrapper_prefixes_and_our_checkpoint_format(r18_state, tmp_path):
         load_pretrained(torchvision.models.resnet34(num_classes=10), ckpt, "resnet34")
 
 
+def test_same_count_other_classes_replaces_the_head(r18_state, tmp_path):
+    """Pretrained on 5 classes, fine-tuned on 5 others: the old head's rows mean other classes, so it is
+    replaced (and reported) although its shape fits; the same classes keep it."""
+    src, _ = r18_state
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": src.state_dict(), "arch": "resnet18", "classes": [f"old{i}" for i in range(10)]}, ckpt)
+    model = torchvision.models.resnet18(num_classes=10)
+    fresh_fc = model.fc.weight.detach().clone()
+    report = load_pretrained(model, ckpt, "resnet18", classes=[f"new{i}" for i in range(10)])
+    assert set(report.replaced) == {"fc.weight", "fc.bias"} and "fc.weight" not in report.loaded
+    assert torch.equal(model.fc.weight, fresh_fc) and torch.equal(model.conv1.weight, src.conv1.weight)
+    same = torchvision.models.resnet18(num_classes=10)
+    assert not load_pretrained(same, ckpt, "resnet18", classes=[f"old{i}" for i in range(10)]).replaced
+    assert torch.equal(same.fc.weight, src.fc.weight)
+
+
 def test_unexpected_and_missing_keys_are_named(r18_state, tmp_path):
     src, _ = r18_state
     state = src.state_dict()
