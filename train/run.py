@@ -223,7 +223,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         is_best = False
         dist.broadcast_buffers(model, info)  # rank 0's BN statistics everywhere: eval = checkpoint
         if ema is not None:
-            dist.broadcast_buffers(ema, info)
+            dist.broadcast_buffers(ema.module, info)  # not n_averaged: a CPU tensor NCCL cannot send
         if (epoch + 1) % run.eval_every == 0 or epoch + 1 == run.epochs:
             t_eval = time.perf_counter()
             last_eval = evaluate(ema.module if ema is not None else model, val_loader, autocast, info,

@@ -71,10 +71,9 @@ def resolution_at(epoch: int, run: RunConfig, final: int) -> int:
     if not run.start_res:
         return final
     end = run.end_res or final
-    if epoch <= run.ramp_start or run.ramp_end <= run.ramp_start:
-        px = run.start_res if epoch <= run.ramp_start else end
-    elif epoch >= run.ramp_end:
-        px = end
-    else:
-        px = run.start_res + (end - run.start_res) * (epoch - run.ramp_start) / (run.ramp_end - run.ramp_start)
+    if epoch <= run.ramp_start:
+        return run.start_res
+    if epoch >= run.ramp_end:
+        return end  # exactly the size asked for, even when it is not a multiple of res_step
+    px = run.start_res + (end - run.start_res) * (epoch - run.ramp_start) / (run.ramp_end - run.ramp_start)
     return max(run.res_step, int(round(px / run.res_step)) * run.res_step)

@@ -57,3 +57,5 @@ def test_progressive_resizing_ramp():
     run = RunConfig(start_res=64, end_res=0, ramp_start=0, ramp_end=4, res_step=16)
     assert [resolution_at(e, run, 128) for e in range(6)] == [64, 80, 96, 112, 128, 128]
     assert resolution_at(3, RunConfig(), 176) == 176  # off: the data resolution
+    run = RunConfig(start_res=128, end_res=0, ramp_start=0, ramp_end=2, res_step=32)
+    assert [resolution_at(e, run, 176) for e in range(4)] == [128, 160, 176, 176]  # ends at the size asked for
