@@ -66,7 +66,7 @@ def run_one(name: str, data: Path, out: Path, overrides: dict, recipe: str | Non
 @click.option("--arch", default="resnet18")
 @click.option("--resolution", type=int, default=64)
 @click.option("--per-class", type=int, default=50, help="Labeled training images per new class.")
-@click.option("--pretrain-epochs", type=int, default=10)
+@click.option("--pretrain-epochs", type=int, default=16)
 @click.option("--finetune-epochs", type=int, default=30)
 @click.option("--batch-size", type=int, default=32, help="Fine-tuning / scratch batch (pretraining uses 64).")
 @click.option("--workers", type=int, default=2)
@@ -95,10 +95,15 @@ def main(data, work, arch, resolution, per_class, pretrain_epochs, finetune_epoc
     small = {**shared, "data.batch_size": batch_size, "run.epochs": finetune_epochs}
     results = [pre]
     results.append(run_one("finetune-full", sub_data, runs, {**small, "model.pretrained": weights}))
+    # The same again at the from-scratch lr with the backbone at the full lr: weights pretrained on 2,000
+    # small images are a weak start, and a tenth of the lr (the recipe's choice for ImageNet weights) keeps
+    # them too close to it (measured 2026-11-23: 60.1% vs 69.5% top-1 with this run's settings).
+    results.append(run_one("finetune-full-lr0.8", sub_data, runs, {**small, "model.pretrained": weights,
+                                                                   "optim.lr": 0.8, "optim.backbone_lr_mult": 1.0}))
     results.append(run_one("linear-probe", sub_data, runs, {**small, "model.pretrained": weights,
                                                             "model.finetune": "linear"}))
+    # Scratch at both lrs, so each fine-tuning run has a twin that differs only in its initial weights.
     results.append(run_one("scratch", sub_data, runs, small))
-    # Scratch again at the from-scratch lr, so a win is not just the fine-tuning recipe's lower lr.
     results.append(run_one("scratch-lr0.8", sub_data, runs, {**small, "optim.lr": 0.8}))
 
     cmd = "python -m benchmarks.transfer " + " ".join(sys.argv[1:])
@@ -106,15 +111,17 @@ def main(data, work, arch, resolution, per_class, pretrain_epochs, finetune_epoc
     table = "\n".join(f"| {r['name']} | {r['final_top1']:.1f} | {r['best_top1']:.1f} | {r['val_count']} | "
                       f"{r['wall_s']:.0f} | {' '.join(map(str, r['curve']))} |" for r in results)
     best_scratch = max(r["final_top1"] for r in results if r["name"].startswith("scratch"))
-    gain = results[1]["final_top1"] - best_scratch
+    best_finetune = max(r["final_top1"] for r in results if r["name"].startswith("finetune"))
+    gain = best_finetune - best_scratch
     click.echo(f"""
 ## Transfer learning: pretrain on 5 Imagenette classes, fine-tune on the other 5 ({per_class}/class), {datetime.date.today()}
 Machine: {"GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU machine"}, {os.cpu_count()} cores,
 {torch.get_num_threads()} torch thread(s). {arch} at {resolution} px, folder loader. Pretraining: classes {', '.join(old)}
 (all 2,000 train images), batch 64, {pretrain_epochs} epochs, from-scratch settings. New task: {', '.join(new)}, {per_class}
 train images per class (seed {seed}), evaluated on all their val images. Fine-tune and scratch runs share
-recipes/finetune.yaml (head lr 0.4 per 256, backbone x0.1 when pretrained, 1 warm-up epoch, cosine), batch
-{batch_size}, {finetune_epochs} epochs = {steps} steps; only the initial weights differ.
+recipes/finetune.yaml (head lr 0.4 per 256, backbone x0.1 when pretrained, 1 warm-up epoch, cosine; the
+-lr0.8 runs: lr 0.8 per 256, backbone x1), batch {batch_size}, {finetune_epochs} epochs = {steps} steps; within
+each lr, only the initial weights differ. The pretrained classifier is replaced (other classes).
 
     {cmd}
 
@@ -122,7 +129,7 @@ recipes/finetune.yaml (head lr 0.4 per 256, backbone x0.1 when pretrained, 1 war
 |---|---|---|---|---|---|
 {table}
 
-Fine-tuning beats the best from-scratch run by **{gain:.1f} points** of top-1 (chance 20%).
+The best fine-tuning run beats the best from-scratch run by **{gain:.1f} points** of final top-1 (chance 20%).
 """)
     if gain < min_gain:
         click.echo(f"FAIL: fine-tuning gained {gain:.1f} points over scratch; expected at least {min_gain}", err=True)

@@ -234,6 +234,11 @@ def validate(cfg: Config) -> None:
     _check(m.pretrained or (m.finetune == "full" and not m.freeze_bn),
            "model.finetune=linear and model.freeze_bn need pretrained weights: pass --pretrained <checkpoint, "
            "state dict or torchvision:<arch>>")
+    # SyncBatchNorm modules replace the frozen ones (convert_sync_batchnorm builds fresh modules), so the
+    # pretrained statistics would quietly start updating again.
+    _check(not (m.sync_bn and (m.freeze_bn or m.finetune == "linear")),
+           "model.sync_bn with frozen BN statistics (--freeze-bn or --finetune linear): frozen statistics are "
+           "never synchronised, so SyncBN does nothing there and would unfreeze them; drop model.sync_bn")
     _check(d.batch_size > 0, f"data.batch_size={d.batch_size}: must be positive")
     _check(d.resolution >= 16 and d.val_resolution >= 16, "data.resolution/val_resolution: at least 16 px")
     _check(p.dtype in PRECISIONS, f"precision.dtype={p.dtype!r}: expected one of {', '.join(PRECISIONS)}")

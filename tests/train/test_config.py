@@ -66,6 +66,9 @@ def test_bad_values_are_refused():
         load_config(None, {})
     with pytest.raises(ConfigError, match="not found"):
         load_config("no_such_recipe", {"data.path": "x"})
+    with pytest.raises(ConfigError, match="drop model.sync_bn"):
+        load_config(None, {"data.path": "x", "model.pretrained": "w.pt", "model.freeze_bn": True,
+                           "model.sync_bn": True})
 
 
 def test_resolve_cpu_precision():
