@@ -88,11 +88,17 @@ def restore(resumed: tuple[Path, dict], model, optimizer, scaler, schedule: LRSc
     """Load a checkpoint into the run's objects; returns (epoch to start, batches to skip in it, best so far)."""
     path, state = resumed
     check_compatible(state, cfg.model.arch, classes, str(path))
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    if ema is not None and state.get("ema"):
-        ema.load_state_dict(state["ema"])
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])  # parameter groups differ: another --finetune / freezing
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"{path} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:300]}). It was saved by "
+            "another configuration (model, fine-tuning mode, optimizer groups): resume with the settings it was "
+            "made with (its config.json), or start a fresh --out") from e
     steps, saved_steps = schedule.steps_per_epoch, int(state["schedule"]["steps_per_epoch"])
     start_epoch, step = int(state["epoch"]), int(state["step"])
     skip = step - start_epoch * saved_steps  # batches of epoch `start_epoch` already trained (preemption)

@@ -132,6 +132,16 @@ def test_resume_refuses_another_architecture(tmp_path):
         train(_cfg(tmp_path, **{"run.epochs": 2, "run.resume": "auto", "model.arch": "resnet34"}))
 
 
+def test_resume_with_other_optimizer_groups_is_refused_cleanly(tmp_path):
+    """A checkpoint of plain training resumed as fine-tuning (head and backbone in separate lr groups):
+    a CheckpointError that says what to do, not torch's ValueError traceback."""
+    train(_cfg(tmp_path, **{"run.epochs": 1}))
+    from train.checkpoint import CheckpointError
+    weights = str(tmp_path / "run" / "checkpoints" / "best.pt")
+    with pytest.raises(CheckpointError, match="does not fit this run.*settings it was made with"):
+        train(_cfg(tmp_path, **{"run.epochs": 2, "run.resume": "auto", "model.pretrained": weights}))
+
+
 def test_sigterm_saves_a_loadable_checkpoint_and_resumes(tmp_path):
     out = tmp_path / "run"
     cmd = [PY, "train/run.py", "--loader", "synthetic", "--arch", "resnet18", "--batch-size", "8",
