@@ -264,6 +264,11 @@ def read_val_labels(labels: Path, meta: Path | None) -> dict[str, str]:
     return out
 
 
+def _image_id(p: Path) -> str:
+    """The id a label file names a flat-folder image by: ILSVRC2012_val_00000001.JPEG -> ILSVRC2012_val_00000001."""
+    return p.name.split(".")[0]
+
+
 def _class_dirs(folder: Path) -> list[Path]:
     """Class folders of a split, sorted. Hidden ones (.ipynb_checkpoints, ...) are not classes:
     ImageFolder would make them one and then fail on it; their files are counted as ignored."""
@@ -290,7 +295,7 @@ def list_split(src: Path, split: str, class_index: dict[str, int],
                              "--val-labels LOC_val_solution.csv, or the devkit ground truth with --meta")
         for p in sorted(folder.iterdir()):
             if p.is_file() and _is_image_name(p):
-                wnid = flat_labels.get(p.name.split(".")[0])
+                wnid = flat_labels.get(_image_id(p))
                 add(p, class_index[wnid] if wnid is not None else -1)
             elif p.is_file():
                 ignored += 1
@@ -642,7 +647,7 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
                          f"or leave it out with --split")
     flat_labels = read_val_labels(Path(val_labels), Path(meta) if meta else None) if flat else None
     for s in flat:
-        if not any(p.name.split(".")[0] in flat_labels for p in (src / s).iterdir()):
+        if not any(_image_id(p) in flat_labels for p in (src / s).iterdir()):
             # Kaggle's layout has an unlabelled flat test/ beside val/: never shard it as 100,000 skips.
             why = f"no file in {src / s} is named in {val_labels} (an unlabelled test set?)"
             if explicit:
