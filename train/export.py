@@ -5,10 +5,15 @@
 writes into `--out`:
 - `model.pt`: {"model": state dict, "arch", "classes", "resolution", "resize_ratio", "mean", "std"}, loadable
   with `torch.load(weights_only=True)` and as `--pretrained` for a later fine-tuning run;
-- `model.pt2`: the graph from `torch.export` (batch size dynamic), which runs without this project's code:
-  `torch.export.load("model.pt2").module()(images)`; images are float32 NCHW, normalised with mean/std.
+- `model.onnx`: the ONNX graph (input "images", output "logits", batch size dynamic) for serving without
+  torch: onnxruntime, TensorRT, Triton. `onnxruntime.InferenceSession("model.onnx").run(None, {"images": x})`.
+- `model.pt2`: the graph from `torch.export` (batch size dynamic), which runs with torch but without this
+  project's code: `torch.export.load("model.pt2").module()(images)`; imt-predict uses it.
 - `classes.json`: the class names in output order.
+Images are float32 NCHW RGB in [0, 1], normalised with the bundle's mean/std, resized so the short side is
+resolution / resize_ratio and centre-cropped to resolution (what validation did).
 EMA weights are exported when the checkpoint has them (they are what evaluation reported).
+Not TorchScript: torch 2.14 deprecates torch.jit (FutureWarning on trace and load) in favour of torch.export.
 """
 from __future__ import annotations
 
@@ -29,13 +34,34 @@ from train.transfer import PretrainedError, read_state
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.stem}.partial{path.suffix}")  # same suffix: torch.export.save warns otherwise
     write(tmp)
     os.replace(tmp, path)
 
 
+class ExportError(RuntimeError):
+    """A graph format could not be written; the message names the files that were."""
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, batch: torch.export.Dim, path: Path) -> None:
+    try:
+        import onnxscript  # noqa: F401 - torch.onnx's exporter needs it; say so before tracing
+    except ImportError as exc:
+        raise ExportError(f"writing {path.name} needs onnx and onnxscript: pip install onnx onnxscript "
+                          "(or export with --no-onnx)") from exc
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},),
+                                        input_names=["images"], output_names=["logits"], verbose=False)
+    except Exception as exc:  # noqa: BLE001 - an operator the ONNX exporter lacks, for instance
+        raise ExportError(f"ONNX export failed ({type(exc).__name__}: {exc}); model.pt, model.pt2 and "
+                          f"classes.json in {path.parent} are written and usable. Retry with --no-onnx to skip "
+                          "ONNX.") from exc
+    _atomic_write(path, lambda p: program.save(str(p)))
+
+
 def export_model(model: nn.Module, arch: str, classes: list[str], out: str | Path, resolution: int = 224,
-                 resize_ratio: float = 0.875) -> Path:
+                 resize_ratio: float = 0.875, onnx: bool = True) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().eval().to("cpu", memory_format=torch.contiguous_format)
@@ -48,6 +74,10 @@ def export_model(model: nn.Module, arch: str, classes: list[str], out: str | Pat
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     _atomic_write(out / "model.pt2", lambda p: torch.export.save(program, p))
     _atomic_write(out / "classes.json", lambda p: p.write_text(json.dumps(list(classes), indent=1)))
+    if onnx:  # last: if it fails, model.pt, model.pt2 and classes.json are already there and usable
+        export_onnx(model, example, batch, out / "model.onnx")
+    else:  # an older export's graph in the same folder would no longer match model.pt
+        (out / "model.onnx").unlink(missing_ok=True)
     return out
 
 
@@ -72,15 +102,20 @@ def load_checkpoint_model(path: str | Path, use_ema: bool = True) -> tuple[nn.Mo
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--resolution", type=int, default=None, help="Input size; default: the run's validation size.")
 @click.option("--ema/--no-ema", default=True, help="Export the EMA weights when the checkpoint has them.")
-def main(checkpoint, out, resolution, ema):
-    """Export a checkpoint as model.pt (weights + classes) and model.pt2 (torch.export graph)."""
+@click.option("--onnx/--no-onnx", default=True, help="Also write model.onnx.")
+def main(checkpoint, out, resolution, ema, onnx):
+    """Export a checkpoint as model.pt (weights + classes), model.onnx and model.pt2 (graphs)."""
     model, meta = load_checkpoint_model(checkpoint, use_ema=ema)
     obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg = obj.get("config") or {}
     res = resolution or meta.get("resolution") or cfg.get("data", {}).get("val_resolution") or 224
     ratio = meta.get("resize_ratio") or cfg.get("data", {}).get("val_resize_ratio") or 0.875
-    path = export_model(model, meta["arch"], list(meta["classes"]), out, int(res), float(ratio))
-    click.echo(f"exported {meta['arch']} ({len(meta['classes'])} classes, {res}px) to {path}")
+    try:
+        path = export_model(model, meta["arch"], list(meta["classes"]), out, int(res), float(ratio), onnx)
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    files = ", ".join(p.name for p in sorted(path.iterdir()) if ".partial." not in p.name)
+    click.echo(f"exported {meta['arch']} ({len(meta['classes'])} classes, {res}px) to {path}: {files}")
 
 
 if __name__ == "__main__":

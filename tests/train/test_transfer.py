@@ -151,6 +151,15 @@ def test_export_and_predict_round_trip(tmp_path):
     assert json.loads((out / "classes.json").read_text()) == classes
     bundle = torch.load(out / "model.pt", weights_only=True)
     assert bundle["arch"] == "resnet18" and bundle["classes"] == classes
+    # both graphs give the model's logits, at a batch size other than the one they were traced with
+    x5 = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x5)
+        assert torch.allclose(torch.export.load(out / "model.pt2").module()(x5), want, atol=1e-4)
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"images": x5.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), want, atol=1e-4)
 
     images = tmp_path / "imgs"
     images.mkdir()
@@ -173,3 +182,41 @@ def test_export_and_predict_round_trip(tmp_path):
     assert sorted(line["path"].rsplit("/", 1)[1] for line in lines) == ["ok0.jpg", "ok1.jpg", "ok2.jpg"]
     assert all(len(line["top"]) == 2 for line in lines)
     assert "broken.jpg: cannot read as an image" in result.stderr
+
+
+def test_export_cli_from_a_training_checkpoint(tmp_path):
+    """imt-export on what the trainer writes: EMA weights by default (what evaluation reported), the run's
+    validation size and classes; --no-ema takes the raw weights; predict reads the checkpoint directly too."""
+    from click.testing import CliRunner
+
+    from train.config import load_config
+    from train.export import main as export_main
+    from train.predict import Predictor
+    from train.run import train
+
+    cfg = load_config(None, {"model.arch": "resnet18", "data.loader": "synthetic", "data.synthetic_samples": 16,
+                             "data.synthetic_classes": 3, "data.dtype": "float32", "data.batch_size": 8,
+                             "data.resolution": 32, "data.val_resolution": 40, "data.workers": 1,
+                             "optim.warmup_epochs": 0, "optim.ema_decay": 0.5, "run.epochs": 1,
+                             "run.tensorboard": False, "run.device": "cpu", "run.out": str(tmp_path / "run")})
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    state = torch.load(ckpt, weights_only=True)
+    r = CliRunner().invoke(export_main, ["--checkpoint", str(ckpt), "--out", str(tmp_path / "exp")])
+    assert r.exit_code == 0, r.output
+    assert "model.onnx" in r.output and "40px" in r.output
+    bundle = torch.load(tmp_path / "exp" / "model.pt", weights_only=True)
+    assert bundle["classes"] == state["classes"] and bundle["resolution"] == 40
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
+    assert not torch.equal(ema["conv1.weight"], state["model"]["conv1.weight"])  # so the check below means something
+    assert torch.equal(bundle["model"]["conv1.weight"], ema["conv1.weight"])
+
+    r = CliRunner().invoke(export_main, ["--checkpoint", str(ckpt), "--out", str(tmp_path / "exp"), "--no-ema",
+                                         "--no-onnx"])
+    assert r.exit_code == 0, r.output
+    raw = torch.load(tmp_path / "exp" / "model.pt", weights_only=True)
+    assert torch.equal(raw["model"]["conv1.weight"], state["model"]["conv1.weight"])
+    assert not (tmp_path / "exp" / "model.onnx").exists()  # the EMA graph would no longer match model.pt
+
+    pred = Predictor.load(ckpt, "cpu")
+    assert pred.classes == state["classes"] and pred.transform(Image.new("RGB", (80, 60))).shape == (3, 40, 40)
