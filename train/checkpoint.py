@@ -80,20 +80,26 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     return path
 
 
+def verify_sidecar(path: Path) -> bool:
+    """Check `path` against its `.sha256` sidecar: CheckpointError on a mismatch, False when there is none."""
+    sidecar = path.with_name(path.name + ".sha256")
+    if not sidecar.is_file():
+        return False
+    text = sidecar.read_text().split()
+    expected, actual = (text[0] if text else ""), _sha256(path)
+    if actual != expected:
+        raise CheckpointError(f"checkpoint {path} is corrupt: sha256 {actual[:16]}... does not match "
+                              f"{sidecar.name} ({expected[:16]}...); it was modified or truncated after saving")
+    return True
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """Verify (sha256 sidecar when present) and load with weights_only=True; CheckpointError otherwise."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    sidecar = path.with_name(path.name + ".sha256")
-    if sidecar.is_file():
-        expected = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
-        actual = _sha256(path)
-        if actual != expected:
-            raise CheckpointError(f"checkpoint {path} is corrupt: sha256 {actual[:16]}... does not match "
-                                  f"{sidecar.name} ({expected[:16]}...); it was modified or truncated after saving")
-    else:
-        warnings.warn(f"{path} has no {sidecar.name}; loading it without an integrity check", stacklevel=2)
+    if not verify_sidecar(path):
+        warnings.warn(f"{path} has no {path.name}.sha256; loading it without an integrity check", stacklevel=2)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, tampered pickle, pickled code (UnpicklingError)

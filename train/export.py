@@ -88,9 +88,7 @@ def load_checkpoint_model(path: str | Path, use_ema: bool = True) -> tuple[nn.Mo
         raise PretrainedError(f"{path} is not a checkpoint of this project (no arch/classes inside)")
     from train.model import build_model  # lazy: exporting a live model needs no model registry
 
-    state, meta = read_state(path)
-    if use_ema and isinstance(obj.get("ema"), dict) and obj["ema"]:
-        state = {k.removeprefix("module."): v for k, v in obj["ema"].items() if k != "n_averaged"}
+    state, meta = read_state(path, ema=use_ema)
     model = build_model(obj["arch"], len(obj["classes"]))
     model.load_state_dict(state)
     meta = dict(meta, resolution=obj.get("resolution"), resize_ratio=obj.get("resize_ratio"))

@@ -21,6 +21,8 @@ import torch
 import torchvision
 from torch import nn
 
+from train.checkpoint import CheckpointError, verify_sidecar
+
 # Prefixes that wrappers add to parameter names: DDP ("module.") and torch.compile ("_orig_mod.").
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -90,12 +92,18 @@ def _hub_file(spec: str, arch: str) -> Path:
     return path
 
 
-def read_state(source: str | Path, arch: str = "") -> tuple[dict, dict]:
-    """Return (state_dict, metadata) from a checkpoint, a state-dict file or a hub-cache name."""
+def read_state(source: str | Path, arch: str = "", ema: bool = True) -> tuple[dict, dict]:
+    """Return (state_dict, metadata) from a checkpoint, a state-dict file or a hub-cache name. Of our
+    checkpoints, the EMA weights when it has them and `ema` (they are what its evaluation reported;
+    metadata["weights"] says which were taken)."""
     src = str(source)
     path = _hub_file(src, arch) if src.startswith("torchvision:") else Path(src)
     if not path.is_file():
         raise PretrainedError(f"--pretrained {src}: no such file")
+    try:
+        verify_sidecar(path)  # our checkpoints have one; a corrupt copy must not quietly become the start
+    except CheckpointError as exc:
+        raise PretrainedError(f"{exc}. Copy it again, or use another checkpoint of that run") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, tampered, or holding pickled code
@@ -104,7 +112,9 @@ def read_state(source: str | Path, arch: str = "") -> tuple[dict, dict]:
                               "with torch.save(model.state_dict(), path)") from exc
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         meta = {k: obj[k] for k in ("arch", "classes", "epoch") if k in obj}
-        return _strip(obj["model"]), meta
+        if ema and isinstance(obj.get("ema"), dict) and obj["ema"]:  # AveragedModel: "module." + n_averaged
+            return _strip({k: v for k, v in obj["ema"].items() if k != "n_averaged"}), {**meta, "weights": "EMA"}
+        return _strip(obj["model"]), {**meta, "weights": "raw"}
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return _strip(obj), {}
     raise PretrainedError(f"{path} is neither one of our checkpoints nor a state dict of tensors")
@@ -140,8 +150,9 @@ def load_pretrained(model: nn.Module, source: str | Path, arch: str = "",
     model.load_state_dict(fit, strict=False)
     missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in target]
-    return TransferReport(str(source), tuple(loaded), tuple(replaced), tuple(missing),
-                          tuple(unexpected), tuple(mismatched))
+    name = f"{source} ({meta['weights']} weights)" if meta.get("weights") else str(source)
+    return TransferReport(name, tuple(loaded), tuple(replaced), tuple(missing), tuple(unexpected),
+                          tuple(mismatched))
 
 
 class _FrozenStatsBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -71,6 +71,35 @@ def test_same_count_other_classes_replaces_the_head(r18_state, tmp_path):
     assert torch.equal(same.fc.weight, src.fc.weight)
 
 
+def test_our_checkpoint_gives_its_ema_weights_and_is_verified(r18_state, tmp_path):
+    """A checkpoint with EMA weights starts fine-tuning from them (evaluation reported their accuracy), and
+    says so; a checkpoint whose sha256 sidecar no longer matches is refused, not loaded."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from train.checkpoint import save_checkpoint
+
+    src, _ = r18_state
+    ema = AveragedModel(torchvision.models.resnet18(num_classes=10), use_buffers=True)  # other random weights
+    state = {"model": src.state_dict(), "ema": ema.state_dict(), "arch": "resnet18",
+             "classes": [f"c{i}" for i in range(10)]}
+    ckpt = save_checkpoint(state, tmp_path / "best.pt")
+    model = torchvision.models.resnet18(num_classes=10)
+    report = load_pretrained(model, ckpt, "resnet18", classes=state["classes"])
+    assert report.source.endswith("(EMA weights)") and not report.unexpected and not report.missing
+    assert torch.equal(model.conv1.weight, ema.module.conv1.weight)
+    assert torch.equal(model.layer1[0].bn1.running_mean, ema.module.layer1[0].bn1.running_mean)
+
+    torch.save({**state, "ema": {}}, tmp_path / "raw.pt")  # no EMA in the run: its own weights
+    report = load_pretrained(model, tmp_path / "raw.pt", "resnet18", classes=state["classes"])
+    assert report.source.endswith("(raw weights)") and torch.equal(model.conv1.weight, src.conv1.weight)
+
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(PretrainedError, match="corrupt: sha256"):
+        load_pretrained(model, ckpt, "resnet18")
+
+
 def test_unexpected_and_missing_keys_are_named(r18_state, tmp_path):
     src, _ = r18_state
     state = src.state_dict()
