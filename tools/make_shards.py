@@ -44,7 +44,9 @@ task) -> manifest.json. The output is a pure function of the input listing and t
 .tar never appears without its index); `.imt-progress.json` records the settings and the finished
 shards, so re-running the same command after an interruption rewrites only what is missing and
 ends with byte-identical output. Other settings in a used --out are refused unless --overwrite
-(the settings include the absolute --src path and the label files' sha256). Check results are
+(the settings include the absolute --src path, the label files' sha256 and a fingerprint of each
+split's listing: path, label, size and mtime of every file, so shards of files that have since been
+added, removed or modified are never kept next to shards of the new ones). Check results are
 saved per split (.imt-cache/), so a resume after the check phase does not decode everything again;
 converted images wait there too, and the folder is removed when the manifest is written.
 """
@@ -511,6 +513,27 @@ def _settings_diff(old: dict, new: dict) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
 
 
+def _without_listing(settings: dict) -> dict:
+    return {**settings, "source": {k: v for k, v in settings.get("source", {}).items() if k != "listing"}}
+
+
+def _refuse_other(out: Path, what: str, saved: dict, settings: dict) -> None:
+    """ShardError unless `saved` (the settings `out` was made with) are `settings`, files included."""
+    if "listing" not in saved.get("source", {}):  # made before listings were recorded: compare the rest
+        settings = _without_listing(settings)
+    if saved == settings:
+        return
+    if _without_listing(saved) == _without_listing(settings):  # same settings, other files
+        old, new = saved["source"]["listing"], settings["source"]["listing"]
+        split = next(k for k in new if old.get(k) != new[k])
+        raise ShardError(f"{out} holds {what} of other files: files under --src/{split} were added, removed or "
+                         f"modified since (listing {old.get(split)} -> {new[split]}); its shards would mix old "
+                         "and new files. Pass --overwrite to remake every shard from the files there now, or "
+                         "use another --out")
+    raise ShardError(f"{out} holds {what} with other settings ({_settings_diff(saved, settings)}); use another "
+                     "--out, or pass --overwrite to delete its shards and start again")
+
+
 def _prepare_out(out: Path, settings: dict, overwrite: bool) -> tuple[dict, dict | None]:
     """Returns (finished shards from an interrupted run, complete manifest or None)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -521,15 +544,11 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool) -> tuple[dict, dict
     prog, man = out / PROGRESS_NAME, out / MANIFEST_NAME
     if prog.is_file():
         saved = json.loads(prog.read_text())
-        if saved["settings"] != settings:
-            raise ShardError(f"{out} holds an unfinished run with other settings "
-                             f"({_settings_diff(saved['settings'], settings)}){refuse}")
+        _refuse_other(out, "an unfinished run", saved["settings"], settings)
         return saved["done"], None
     if man.is_file():
         saved = json.loads(man.read_text())
-        if saved.get("settings") != settings:
-            raise ShardError(f"{out} holds shards made with other settings "
-                             f"({_settings_diff(saved.get('settings') or {}, settings)}){refuse}")
+        _refuse_other(out, "shards", saved.get("settings") or {}, settings)
         done = {s["file"]: s for sp in saved["splits"].values() for s in sp["shards"]}
         return done, saved
     if any(True for _ in out.iterdir()):
@@ -666,6 +685,9 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
         source["val_labels"] = {"file": Path(val_labels).name, "sha256": _file_sha(val_labels)}
         if meta:
             source["meta"] = {"file": Path(meta).name, "sha256": _file_sha(meta)}
+    listed = {s: list_split(src, s, class_index, flat_labels if layouts[s] == "flat" else None) for s in splits}
+    # What the shards are made of: a resume or re-run over changed files must not keep shards of the old ones.
+    source["listing"] = {s: _listing_fingerprint(items)[:16] for s, (items, _) in listed.items()}
     settings = {"seed": seed, "shard_bytes": shard_bytes, "shard_samples": shard_samples,
                 "min_shards": MIN_SHARDS if shard_samples is None else None,
                 "max_side": max_side, "quality": quality, "convert_quality": quality or DEFAULT_QUALITY,
@@ -689,7 +711,7 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
     try:
         split_info = {}
         for s in splits:
-            items, ignored = list_split(src, s, class_index, flat_labels if layouts[s] == "flat" else None)
+            items, ignored = listed[s]
             split_info[s] = _make_split(src, out, s, items, ignored, settings, conv, done, pool, workers,
                                         progress, fail_after)
     except BrokenProcessPool as e:

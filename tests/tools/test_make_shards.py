@@ -155,6 +155,37 @@ def test_other_settings_are_refused_unless_overwrite(synthetic_root, tmp_path):
                                                     "val-000001.idx", "val-000001.tar"]
 
 
+def test_changed_source_files_are_refused_unless_overwrite(synthetic_root, tmp_path, monkeypatch):
+    """Files added or modified since a run (finished or interrupted) must not be mixed into its shards:
+    shards whose sample counts still fit would otherwise be kept, holding the old files."""
+    src = tmp_path / "src"
+    shutil.copytree(synthetic_root, src)
+    out = tmp_path / "out"
+    make_shards(src, out, splits=["val"], shard_samples=10, progress=False)
+    before = files_of(out)
+    extra = src / "val" / sorted(p.name for p in (src / "val").iterdir())[0] / "added.jpg"
+    shutil.copyfile(next((src / "train").rglob("*.JPEG")), extra)
+    with pytest.raises(ShardError, match=r"files under --src/val were added, removed or modified.*--overwrite"):
+        make_shards(src, out, splits=["val"], shard_samples=10, progress=False)
+    assert files_of(out) == before
+
+    extra.unlink()  # back to the files the shards hold: accepted again, nothing rewritten
+    assert make_shards(src, out, splits=["val"], shard_samples=10, progress=False)["splits"]["val"]
+    assert files_of(out) == before
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setenv(ms.FAIL_AFTER_ENV, "1")
+    with pytest.raises(SimulatedInterrupt):
+        make_shards(src, interrupted, splits=["val"], shard_samples=10, progress=False)
+    monkeypatch.delenv(ms.FAIL_AFTER_ENV)
+    victim = next((src / "val").rglob("*.JPEG"))
+    os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))  # re-saved in place
+    with pytest.raises(ShardError, match="an unfinished run of other files"):
+        make_shards(src, interrupted, splits=["val"], shard_samples=10, progress=False)
+    m = make_shards(src, interrupted, splits=["val"], shard_samples=10, overwrite=True, progress=False)
+    assert m["splits"]["val"]["num_samples"] == 32
+
+
 def test_foreign_output_folder_is_refused(synthetic_root, tmp_path):
     (tmp_path / "thesis.pdf").write_bytes(b"%PDF")
     with pytest.raises(ShardError, match="not empty"):
