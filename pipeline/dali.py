@@ -39,6 +39,7 @@ Choices, with reasons:
 from __future__ import annotations
 
 import math
+import re
 from typing import Iterator
 
 import torch
@@ -251,7 +252,10 @@ class DaliLoader:
                 yielded += 1
             finished = True
         except RuntimeError as e:
-            raise RuntimeError(self._explain(e)) from e
+            why = self._explain(e)
+            if why is None:
+                raise
+            raise RuntimeError(why) from e
         finally:
             if finished:
                 self._iter.reset()
@@ -262,7 +266,15 @@ class DaliLoader:
             raise RuntimeError(f"DALI yielded {yielded} batches on rank {self.rank}, expected "
                                f"{self._len}: ranks would fall out of step (please report this)")
 
-    def _explain(self, e: RuntimeError) -> str:
+    def _explain(self, e: RuntimeError) -> str | None:
+        """A message that says what to do, or None to let the error through as it is."""
+        said = str(e)
+        if _OUT_OF_MEMORY.search(said):  # not a bad file: searching the shards would only delay the error
+            return (f"DALI ran out of memory on rank {self.rank}: lower --batch-size (per GPU), or "
+                    f"data.prefetch ({self.cfg.prefetch}), or the hardware decoder's share "
+                    f"(data.hw_decoder_load={self.cfg.hw_decoder_load}).\nDALI said:\n{e}")
+        if "decoders." not in said and "codec" not in said.lower():
+            return None  # not raised by a decoder: nothing to look for in the shards
         # DALI reports "nvImageCodec failure" without naming the sample, and its shuffle buffer
         # hides which one it was, so look for it: this rank's own range first.
         first = self.rank * len(self.split.shards) // self.world
@@ -277,6 +289,8 @@ class DaliLoader:
 
 
 SEARCH_BUDGET_S = 120.0  # time spent naming the bad sample after a decode failure
+_OUT_OF_MEMORY = re.compile(r"out of memory|cudaErrorMemoryAllocation|bad_alloc|CUDA_ERROR_OUT_OF_MEMORY",
+                            re.IGNORECASE)
 
 
 def find_undecodable(shards, budget_s: float) -> tuple[str, str, str] | None:

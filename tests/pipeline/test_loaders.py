@@ -303,3 +303,20 @@ def test_validation_exif_rotated_matches_torchvision(tmp_path):
     assert list(k1) == list(k2) and x1.shape == x2.shape == (5, 3, 48, 48)
     d = (x1 - x2).abs().flatten(1).mean(1)
     assert d.max() < 0.05, d
+
+
+def test_dali_errors_that_are_not_bad_files_are_not_searched(monkeypatch):
+    """Only decoder failures send DaliLoader looking for the bad sample (up to SEARCH_BUDGET_S); an
+    out-of-memory error says what to lower at once, and other errors pass through unchanged."""
+    from types import SimpleNamespace
+
+    from pipeline import dali
+
+    monkeypatch.setattr(dali, "find_undecodable", lambda *a, **k: pytest.fail("searched the shards"))
+    fake = SimpleNamespace(rank=1, cfg=_cfg("x"))
+    oom = RuntimeError("Error in MIXED operator `nvidia.dali.fn.decoders.image_random_crop` ... "
+                       "CUDA allocation failed: cudaErrorMemoryAllocation (out of memory)")
+    msg = dali.DaliLoader._explain(fake, oom)
+    assert "ran out of memory on rank 1" in msg and "--batch-size" in msg and "cudaErrorMemoryAllocation" in msg
+    other = RuntimeError("Error in CPU operator `nvidia.dali.fn.readers.webdataset`: Permission denied")
+    assert dali.DaliLoader._explain(fake, other) is None
