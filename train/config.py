@@ -75,7 +75,7 @@ class RunConfig:
     seed: int = 0
     deterministic: bool = False       # deterministic kernels, no cudnn autotuning (slower)
     device: str = "auto"              # auto | cpu | cuda
-    log_every: int = 50               # steps between host syncs (loss, NaN check, progress, stop agreement)
+    log_every: int = 50               # steps between host syncs (loss over ranks, NaN check, progress)
     keep_last: int = 3                # periodic checkpoints kept (best.pt is kept besides)
     eval_every: int = 1               # epochs between evaluations (the last epoch is always evaluated)
     # Progressive resizing (FFCV): the training resolution rises linearly from start_res to end_res between

@@ -2,9 +2,11 @@
 enabled or not) and `scaler` a `torch.amp.GradScaler(enabled=...)` that is a no-op unless fp16.
 
 Host syncs: none per step. The loss is summed on the device and read (`.item()`) only every `log_every`
-steps; that is also where a non-finite loss is noticed and where ranks agree on stopping. A NaN at step k
-is therefore reported at the next log point; the weights from then on are never checkpointed (the caller
-keeps the last good checkpoint).
+steps, averaged over ranks (`mean_across`), so every rank logs the same loss and notices a non-finite one
+at the same log point: they stop together instead of one rank raising while the others wait in the next
+collective. A NaN at step k is reported at the next log point; the weights from then on are never
+checkpointed (the caller keeps the last good checkpoint). Stop requests are looked at every step through
+`should_stop`, which under DDP is a CPU all-reduce (no GPU sync).
 
 Data wait = host time blocked in `next(loader)`. On the CPU that is the whole story. On CUDA the host
 runs ahead of the GPU and only blocks at the log-point sync, so the figure measures how long the *host*
@@ -56,9 +58,10 @@ def train_step(model, images, labels, loss_fn, optimizer, scaler, autocast) -> t
 
 def train_one_epoch(model, loader: Iterable, optimizer, schedule, scaler, autocast, loss_fn, ema=None, *,
                     steps: int, log_every: int, should_stop: Callable[[], bool] = lambda: False,
-                    log: Callable[[LogPoint], None] = lambda p: None, skip: int = 0) -> EpochStats:
+                    log: Callable[[LogPoint], None] = lambda p: None, skip: int = 0,
+                    mean_across: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> EpochStats:
     """Run `steps` steps (`skip` batches are drawn and discarded first: a mid-epoch resume).
-    `should_stop()` is called at step boundaries (it may sync ranks, so it decides its own cadence)."""
+    `should_stop()` is called at step boundaries; `mean_across` averages the loss sum over ranks."""
     model.train()
     batches = iter(loader)
     for _ in range(skip):
@@ -77,14 +80,14 @@ def train_one_epoch(model, loader: Iterable, optimizer, schedule, scaler, autoca
         n_images += images.shape[0]
         done = step + 1
         if done % log_every == 0 or done == steps:
-            mean = check_finite(loss_sum, done - skip, done)
+            mean = check_finite(mean_across(loss_sum), done - skip, done)
             log(LogPoint(done, mean, schedule.lr(schedule.step_count - 1), n_images / (time.perf_counter() - t0)))
         if should_stop():
             stopped = done < steps
             break
     if done == len(loader):  # run the iterator to its end: DALI then resets instead of rebuilding its pipeline
         next(batches, None)
-    mean = check_finite(loss_sum, done - skip, done) if loss_sum is not None else float("nan")
+    mean = check_finite(mean_across(loss_sum), done - skip, done) if loss_sum is not None else float("nan")
     return EpochStats(mean, done, n_images, time.perf_counter() - t0, wait, stopped)
 
 

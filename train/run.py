@@ -14,8 +14,9 @@ Two nodes, 8 GPUs each (run the same command on both; `host` is a node every nod
         --rdzv_id r50-run1 -m train.run --recipe resnet50_imagenet --data /data/shards --out /shared/runs/r50
 
 --batch-size is per GPU; the learning rate scales with the global batch (optim.lr is per 256 images).
-SIGTERM/SIGINT (preemption) saves a checkpoint at the next step boundary (the next log point under
-torchrun, where the ranks agree to stop) and exits with 143/130; `--resume auto` continues from it.
+SIGTERM/SIGINT (preemption) saves a checkpoint at the next step boundary (under torchrun the ranks agree
+at every step, over a gloo group: set GLOO_SOCKET_IFNAME where nodes have several network interfaces) and
+exits with 143/130; `--resume auto` continues from it.
 """
 from __future__ import annotations
 
@@ -64,17 +65,13 @@ def dist_setup(device: str) -> dist.DistInfo:
     return dist.setup({"auto": None, "cpu": "cpu", "cuda": "cuda:0"}[device])
 
 
-def make_should_stop(stop: StopFlag, info: dist.DistInfo, every: int):
-    """One process: look at the flag every step (a Python bool, no sync). Under DDP: agree every `every`
-    steps (the log cadence) with one tiny all-reduce, so all ranks leave the loop at the same step."""
+def make_should_stop(stop: StopFlag, info: dist.DistInfo):
+    """One process: look at the flag every step (a Python bool, no sync). Under DDP: agree every step with
+    one tiny CPU all-reduce (gloo, no GPU sync), so all ranks leave the loop at the same step, within a
+    step of the signal."""
     if not info.distributed:
         return lambda: stop.requested
-    calls = [0]
-
-    def should_stop() -> bool:
-        calls[0] += 1
-        return calls[0] % every == 0 and dist.any_true(stop.requested, info)
-    return should_stop
+    return lambda: dist.any_true(stop.requested, info)
 
 
 def fingerprint(model: torch.nn.Module) -> list[float]:
@@ -184,7 +181,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     if cfg.model.compile:
         net = torch.compile(net)
     metrics = MetricsLog(out, info.is_main, run.tensorboard, start_epoch)
-    should_stop = make_should_stop(stop, info, run.log_every)
+    should_stop = make_should_stop(stop, info)
     say.write(f"{cfg.model.arch} | {len(classes)} classes | {cfg.data.loader} loader | {info.world_size} rank(s) "
               f"on {device} | {dtype} | {steps} steps/epoch x {run.epochs} epochs | global batch {global_batch} "
               f"| peak lr {schedule.peak:.4g} | out {out}")
@@ -215,7 +212,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         say.start(epoch, run.epochs, steps, res, skip)
         stats = train_one_epoch(net, train_loader, optimizer, schedule, scaler, autocast, loss_fn, ema,
                                 steps=steps, log_every=run.log_every, should_stop=should_stop, log=say.log,
-                                skip=skip)
+                                skip=skip, mean_across=lambda t: dist.mean_across(t, info))
         say.close()
         skip = 0
         global_step = epoch * steps + stats.steps
