@@ -4,6 +4,7 @@ batch, images seen; only the initial weights differ). Runs the real trainer and 
 
     python -m benchmarks.transfer                   # ../shared/data/imagenette-224, ResNet-18, 64 px, CPU
     python -m benchmarks.transfer --per-class 50 --pretrain-epochs 10 --finetune-epochs 30
+    python -m benchmarks.transfer --pretrained work/transfer/runs/pretrain/checkpoints/best.pt  # skip pretraining
 
 Classes are Imagenette's sorted wnids: the first five (tench, English springer, cassette player, chain saw,
 church) for pretraining, the last five (French horn, garbage truck, gas pump, golf ball, parachute) for the
@@ -66,7 +67,9 @@ def run_one(name: str, data: Path, out: Path, overrides: dict, recipe: str | Non
 @click.option("--arch", default="resnet18")
 @click.option("--resolution", type=int, default=64)
 @click.option("--per-class", type=int, default=50, help="Labeled training images per new class.")
-@click.option("--pretrain-epochs", type=int, default=16)
+@click.option("--pretrain-epochs", type=int, default=40)
+@click.option("--pretrained", "pretrained", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Reuse the best.pt of an earlier run's pretraining instead of pretraining again.")
 @click.option("--finetune-epochs", type=int, default=30)
 @click.option("--batch-size", type=int, default=32, help="Fine-tuning / scratch batch (pretraining uses 64).")
 @click.option("--workers", type=int, default=2)
@@ -74,7 +77,7 @@ def run_one(name: str, data: Path, out: Path, overrides: dict, recipe: str | Non
 @click.option("--min-gain", type=float, default=10.0, help="Fail unless fine-tuning beats scratch by this "
               "many top-1 points.")
 def main(data, work, arch, resolution, per_class, pretrain_epochs, finetune_epochs, batch_size, workers, seed,
-         min_gain):
+         min_gain, pretrained):
     """Pretrain on 5 Imagenette classes, fine-tune on the other 5 from a small subset, compare with scratch."""
     classes = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
     if len(classes) < 4:
@@ -88,12 +91,14 @@ def main(data, work, arch, resolution, per_class, pretrain_epochs, finetune_epoc
               "run.tensorboard": False, "run.log_every": 10, "run.keep_last": 1}
 
     # Pretraining: the from-scratch settings of benchmarks.learning (55% top-1 on all 10 classes in 4 epochs).
-    pre = run_one("pretrain", pre_data, runs, {**shared, "data.batch_size": 64, "run.epochs": pretrain_epochs,
-                                               "optim.lr": 0.8, "optim.warmup_epochs": 1, "optim.schedule": "linear",
-                                               "data.min_area": 0.25}, recipe=None)
-    weights = str(runs / "pretrain" / "checkpoints" / "best.pt")
+    if pretrained:
+        results, weights = [], str(pretrained)
+    else:
+        results = [run_one("pretrain", pre_data, runs, {**shared, "data.batch_size": 64, "run.epochs": pretrain_epochs,
+                                                        "optim.lr": 0.8, "optim.warmup_epochs": 1,
+                                                        "optim.schedule": "linear", "data.min_area": 0.25}, recipe=None)]
+        weights = str(runs / "pretrain" / "checkpoints" / "best.pt")
     small = {**shared, "data.batch_size": batch_size, "run.epochs": finetune_epochs}
-    results = [pre]
     results.append(run_one("finetune-full", sub_data, runs, {**small, "model.pretrained": weights}))
     # The same again at the from-scratch lr with the backbone at the full lr: weights pretrained on 2,000
     # small images are a weak start, and a tenth of the lr (the recipe's choice for ImageNet weights) keeps
@@ -113,11 +118,13 @@ def main(data, work, arch, resolution, per_class, pretrain_epochs, finetune_epoc
     best_scratch = max(r["final_top1"] for r in results if r["name"].startswith("scratch"))
     best_finetune = max(r["final_top1"] for r in results if r["name"].startswith("finetune"))
     gain = best_finetune - best_scratch
+    pre_text = (f"(all their train images), batch 64, {pretrain_epochs} epochs, from-scratch settings" if not pretrained
+                else f"reused from {pretrained}")
     click.echo(f"""
 ## Transfer learning: pretrain on 5 Imagenette classes, fine-tune on the other 5 ({per_class}/class), {datetime.date.today()}
 Machine: {"GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU machine"}, {os.cpu_count()} cores,
 {torch.get_num_threads()} torch thread(s). {arch} at {resolution} px, folder loader. Pretraining: classes {', '.join(old)}
-(all 2,000 train images), batch 64, {pretrain_epochs} epochs, from-scratch settings. New task: {', '.join(new)}, {per_class}
+{pre_text}. New task: {', '.join(new)}, {per_class}
 train images per class (seed {seed}), evaluated on all their val images. Fine-tune and scratch runs share
 recipes/finetune.yaml (head lr 0.4 per 256, backbone x0.1 when pretrained, 1 warm-up epoch, cosine; the
 -lr0.8 runs: lr 0.8 per 256, backbone x1), batch {batch_size}, {finetune_epochs} epochs = {steps} steps; within
