@@ -74,6 +74,29 @@ def make_should_stop(stop: StopFlag, info: dist.DistInfo):
     return lambda: dist.any_true(stop.requested, info)
 
 
+def agree_on_resume(directory: Path, info: dist.DistInfo) -> tuple[Path, dict] | None:
+    """`--resume auto` under torchrun: rank 0 picks the checkpoint, every rank loads that same file. Each rank
+    picking its own newest one would start the ranks from different steps when --out is not shared (each
+    node sees only its own files) or while a copy is still arriving."""
+    found, error = None, None
+    if info.is_main:
+        try:
+            found = find_resume(directory)
+        except CheckpointError as exc:  # told to every rank, so none waits for the others forever
+            error = str(exc)
+    choice, error = dist.broadcast_object((str(found[0]) if found else None, error), info)
+    if error:
+        raise CheckpointError(error)
+    if info.is_main or choice is None:
+        return found
+    path = Path(choice)
+    if not path.is_file():
+        raise CheckpointError(f"rank {info.rank} cannot read {path}, the checkpoint rank 0 resumes from: --out "
+                              "must be on a file system every node shares (or copy the checkpoints folder to "
+                              "the same path on every node)")
+    return path, load_checkpoint(path)
+
+
 def fingerprint(model: torch.nn.Module) -> list[float]:
     """Per-tensor sums of parameters and buffers: equal on every rank when DDP kept them in sync."""
     with torch.no_grad():
@@ -164,7 +187,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     start_epoch, skip, best = 0, 0, {"val_top1": -1.0, "epoch": 0}
     resumed = None
     if run.resume == "auto":
-        resumed = find_resume(ckpts.dir)
+        resumed = agree_on_resume(ckpts.dir, info)
         if resumed is None:
             say.write(f"--resume auto: no checkpoint in {ckpts.dir} yet; starting from scratch")
     elif run.resume:

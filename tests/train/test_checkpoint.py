@@ -129,3 +129,28 @@ def test_stop_flag_handler():
     finally:
         flag.restore()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_resume_auto_under_ddp_loads_rank0s_choice(tmp_path, monkeypatch):
+    """Rank 0 picks the checkpoint and the others load that file; a rank that cannot see it (--out not
+    shared between nodes) says so, and rank 0's 'nothing usable' reaches every rank instead of a hang."""
+    from train import dist
+    from train.checkpoint import save_checkpoint
+    from train.dist import DistInfo
+    from train.run import agree_on_resume
+
+    rank1 = DistInfo(rank=1, world_size=2)
+    ckpt = save_checkpoint({"model": {}, "arch": "resnet18", "step": 7}, tmp_path / "epoch0001-step00000007.pt")
+    monkeypatch.setattr(dist, "broadcast_object", lambda obj, info, src=0: (str(ckpt), None))
+    path, state = agree_on_resume(tmp_path / "elsewhere", rank1)  # its own folder is empty: rank 0's file wins
+    assert path == ckpt and state["step"] == 7
+
+    monkeypatch.setattr(dist, "broadcast_object", lambda obj, info, src=0: (str(tmp_path / "node0-only.pt"), None))
+    with pytest.raises(CheckpointError, match="rank 1 cannot read .*node0-only.pt.*shares"):
+        agree_on_resume(tmp_path, rank1)
+    monkeypatch.setattr(dist, "broadcast_object", lambda obj, info, src=0: (None, "no usable checkpoint in x"))
+    with pytest.raises(CheckpointError, match="no usable checkpoint in x"):
+        agree_on_resume(tmp_path, rank1)
+    monkeypatch.setattr(dist, "broadcast_object", lambda obj, info, src=0: obj)  # rank 0, one process
+    assert agree_on_resume(tmp_path / "empty", DistInfo()) is None
+    assert agree_on_resume(tmp_path, DistInfo())[0] == ckpt
