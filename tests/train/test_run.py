@@ -214,3 +214,45 @@ def test_linear_probe_needs_pretrained_weights(tmp_path):
     from train.config import ConfigError
     with pytest.raises(ConfigError, match="need pretrained weights: pass --pretrained"):
         _cfg(tmp_path, **{"model.finetune": "linear"})
+
+
+def test_progressive_resizing_reaches_the_loader_and_tensorboard_gets_the_scalars(tmp_path, synthetic_shards,
+                                                                                   monkeypatch):
+    """A real run with run.start_res: the batches the model sees grow 32 -> 48 -> 64 px over the epochs (not only
+    the logged number), and TensorBoard receives every metric per epoch."""
+    import train.run as run_mod
+
+    seen: list[set] = []
+    real_epoch = run_mod.train_one_epoch
+
+    def spy(net, loader, *args, **kwargs):
+        sizes: set = set()
+        seen.append(sizes)
+
+        class Watched:
+            def __len__(self):
+                return len(loader)
+
+            def __iter__(self):
+                for batch in loader:
+                    sizes.add(tuple(batch[0].shape[-2:]))
+                    yield batch
+        return real_epoch(net, Watched(), *args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "train_one_epoch", spy)
+    cfg = load_config(None, {**TINY, "data.loader": "torch", "data.path": str(synthetic_shards),
+                             "data.resolution": 64, "data.val_resolution": 40, "run.epochs": 3,
+                             "run.start_res": 32, "run.ramp_start": 0, "run.ramp_end": 2, "run.res_step": 16,
+                             "run.tensorboard": True, "run.out": str(tmp_path / "run")})
+    train(cfg)
+    assert seen == [{(32, 32)}, {(48, 48)}, {(64, 64)}]
+    assert [r["resolution"] for r in _rows(tmp_path / "run")] == [32, 48, 64]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("train_loss", "val_top1", "lr", "images_per_sec", "resolution"):
+        match = [t for t in tags if t.split("/")[-1] == tag]
+        assert match, f"{tag} not in {tags}"
+        assert [e.step for e in events.Scalars(match[0])] == [1, 2, 3]
