@@ -10,8 +10,9 @@ Classes are Imagenette's sorted wnids: the first five (tench, English springer, 
 church) for pretraining, the last five (French horn, garbage truck, gas pump, golf ball, parachute) for the
 new task. For each `--per-class` size and each `--seed`, that many training images per class are drawn with
 the seed (which also seeds training); validation is the whole val split of the new classes (150 per class).
-Trees of symlinks under `--work`; nothing is copied. Several seeds, because one run is noisy: the same
-from-scratch run gave 61.3% and 59.3% top-1 on two days (2026-11-23). Prints a Markdown block for
+Trees of symlinks under `--work`; nothing is copied. Several seeds, because one run is one draw: a run is
+deterministic for a given seed and code, but the same from-scratch settings gave 61.3% top-1 and, after
+unrelated code changes, 59.3%; over seeds 0-2, 59.3-61.5% (2026-11-23). Prints a Markdown block for
 benchmarks/RESULTS.md; exits 1 unless, at every size, fine-tuning beats scratch in every seed and by
 --min-gain points on the mean.
 """
