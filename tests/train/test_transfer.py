@@ -118,7 +118,7 @@ def test_foreign_or_code_bearing_files_are_refused(tmp_path):
             return (print, ("pwned",))
 
     evil = tmp_path / "evil.pth"
-    evil.write_bytes(pickle.dumps({"fc.weight": Evil()}))
+    evil.write_bytes(pickle.dumps({"fc.weight": Evil()}, protocol=2))  # torch.save's protocol
     with pytest.raises(PretrainedError, match="weights_only=True"):
         load_pretrained(torchvision.models.resnet18(num_classes=2), evil, "resnet18")
     other = tmp_path / "other.pth"
