@@ -26,7 +26,11 @@ Choices, with reasons:
   ranks, so a rank's share size is fixed); samples are then shuffled through an `initial_fill`
   buffer with a per-rank seed. The pipeline is a continuous stream: epoch e's order is a function
   of (seed, rank, world, e - first epoch of this pipeline). `set_epoch(e)` keeps the stream when
-  e is the next epoch and rebuilds it seeded by (seed, e) otherwise (resume, jumping epochs).
+  e is the next epoch and rebuilds it seeded by (seed, e) otherwise (resume, jumping epochs). So a
+  mid-epoch resume cannot replay the interrupted epoch's order: the rest of that epoch comes from a
+  fresh order (train.run says so); rebuilding every epoch would make the order a pure function of
+  (seed, e) at the price of a pipeline start and buffer refill per epoch, which was not measured on a
+  GPU, so the continuous stream stays.
   Validation reads the stored order with `stick_to_shard`.
 - EXIF orientation is ignored (`adjust_orientation=False`), as torchvision/PIL's ImageFolder
   does, so both loaders (and pretrained torchvision weights) see the same pixels.
@@ -47,7 +51,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .common import MEAN, STD, load_split, torch_dtype
+from .common import MEAN, STD, load_split, rank_batches, torch_dtype
 from .config import DataConfig
 
 # nvJPEG buffers sized for the largest ImageNet training image (NVIDIA's RN50 example), so the
@@ -162,6 +166,8 @@ class DaliLoader:
                 f"split {split!r} of {self.manifest.root} has {n} samples: too few for {w} ranks "
                 f"with batch size {b}{' and drop_last' if self.drop_last else ''}; lower the batch "
                 f"size or make more shards")
+        for r in range(w):  # the torch loaders' batching must be possible for every rank (no empty batch)
+            rank_batches(range(n), w, r, b, self.drop_last)
         self.epoch = 0
         self._pipe = self._iter = None
         self._first_epoch = self._epochs_done = 0  # of the current pipeline
@@ -188,8 +194,10 @@ class DaliLoader:
         self.resolution = int(px)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # Validation reads the same samples in the same order every pass: its pipeline is kept (rebuilding
+        # it for each evaluation redid the decoder's start-up every epoch).
         if (self._iter is None or self._built_resolution != self.resolution
-                or self.epoch != self._first_epoch + self._epochs_done):
+                or (self.train and self.epoch != self._first_epoch + self._epochs_done)):
             self._build()
         yield from self._epoch_batches()
 

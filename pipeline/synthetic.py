@@ -15,13 +15,19 @@ DEFAULT_BATCHES = 50  # per epoch when cfg.synthetic_samples == 0
 
 class SyntheticLoader:
     """Follows the Loader contract. `cfg.synthetic_samples` counts samples per epoch *per rank*
-    (0: 50 full batches); the last batch is partial when it does not divide evenly."""
+    (0: 50 full batches); the last batch is partial when it does not divide evenly, and dropped when
+    training with cfg.drop_last, as the other loaders do."""
 
     def __init__(self, cfg: DataConfig, device: torch.device, *, train: bool, rank: int = 0):
         self.cfg, self.device, self.train, self.rank = cfg, torch.device(device), train, rank
         self.dtype = torch_dtype(cfg.dtype)
         self.num_samples = cfg.synthetic_samples or DEFAULT_BATCHES * cfg.batch_size
         self.classes = tuple(f"class_{i:04d}" for i in range(cfg.synthetic_classes))
+        if train and cfg.drop_last:
+            self.num_samples -= self.num_samples % cfg.batch_size
+        if self.num_samples == 0:
+            raise ValueError(f"synthetic_samples={cfg.synthetic_samples} is less than one batch of "
+                             f"{cfg.batch_size} with drop_last: raise it or lower the batch size")
         self.epoch = 0
         self._make(cfg.resolution if train else cfg.val_resolution)
 

@@ -86,16 +86,26 @@ class ShardSource:
 
 
 class FolderSource:
-    """torchvision ImageFolder's listing (sorted classes, its extensions), decoded with torchvision.io."""
+    """torchvision ImageFolder's listing (sorted classes, its extensions), decoded with torchvision.io.
+    Labels are indices into the class folders of `classes_root` (the training split), so a validation
+    split that lacks a class, or lists them in another order, keeps the training labels."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, classes_root: Path | None = None):
         from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: no such folder (loader='folder' reads "
-                                    f"<path>/<split>/<class>/*.JPEG)")
-        self.classes, class_to_idx = find_classes(str(root))
-        self.samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+        for folder in (root, classes_root):
+            if folder is not None and not folder.is_dir():
+                raise FileNotFoundError(f"{folder}: no such folder (loader='folder' reads "
+                                        f"<path>/<split>/<class>/*.JPEG)")
+        self.classes, class_to_idx = find_classes(str(classes_root or root))
+        unknown = sorted(set(find_classes(str(root))[0]) - set(self.classes))
+        if unknown:
+            raise ValueError(f"{root} has class folders that {classes_root} lacks ({', '.join(unknown[:5])}"
+                             f"{', ...' if len(unknown) > 5 else ''}): the model cannot predict them. Add them "
+                             "to the training split or remove them here")
+        self.samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        if not self.samples:
+            raise FileNotFoundError(f"{root} holds no image files ({', '.join(IMG_EXTENSIONS)})")
         self.root = root
 
     def __len__(self) -> int:
@@ -159,12 +169,15 @@ class _Batches(IterableDataset):
         for b, idx in enumerate(self.plan(epoch)):
             if b % nw != wid:
                 continue
-            torch.manual_seed(_seed(self.cfg.seed, epoch, self.rank, b))
-            images, labels = [], []
-            for i in idx:
-                img, label = self.source.read(i)
-                images.append(tf(img))
-                labels.append(label)
+            # The transforms draw from torch's global RNG. With workers=0 they run in the training process:
+            # fork it, or seeding each batch would reset the trainer's RNG (and what its checkpoints save).
+            with torch.random.fork_rng(devices=[], enabled=info is None):
+                torch.manual_seed(_seed(self.cfg.seed, epoch, self.rank, b))
+                images, labels = [], []
+                for i in idx:
+                    img, label = self.source.read(i)
+                    images.append(tf(img))
+                    labels.append(label)
             images = torch.stack(images)
             if self.normalise_to is not None:
                 images = normalise(images, self.normalise_to)
@@ -239,5 +252,6 @@ class FolderLoader(_TorchLoader):
     """loader="folder": torchvision ImageFolder's layout, cfg.path/<split>/<class>/*."""
 
     def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False):
-        source = FolderSource(Path(cfg.path) / split)
+        root = Path(cfg.path)
+        source = FolderSource(root / split, None if split == "train" else root / "train")
         super().__init__(source, source.classes, cfg, dist, train=train, keys=keys)

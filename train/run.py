@@ -157,6 +157,9 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     train_loader = build_loader(cfg.data, "train", info, train=True)
     val_loader = build_loader(cfg.data, "val", info, train=False)
     classes = list(train_loader.classes)
+    if list(val_loader.classes) != classes:  # labels would mean other classes: every metric wrong, silently
+        raise ConfigError(f"the val split's classes differ from train's ({len(val_loader.classes)} vs "
+                          f"{len(classes)}): make both splits from the same class list")
     model = build_model(cfg.model.arch, len(classes), zero_init_residual=cfg.model.zero_init_residual)
     heads: list[str] = []
     if cfg.model.pretrained:
@@ -194,6 +197,11 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         resumed = (Path(run.resume), load_checkpoint(run.resume))
     if resumed is not None:
         start_epoch, skip, best = restore(resumed, model, optimizer, scaler, schedule, ema, classes, cfg, info, say)
+        if skip and cfg.data.loader == "dali":
+            say.write(f"note: DALI cannot replay epoch {start_epoch + 1}'s sample order (its pipeline shuffles one "
+                      "continuous stream across epochs), so the rest of that epoch draws from a fresh order: in "
+                      "this one epoch some samples are seen twice and some not at all; later epochs see each "
+                      "sample once. --loader torch resumes exactly.")
     else:
         seed_everything(run.seed + info.rank, run.deterministic)  # per-rank randomness from here on
 

@@ -320,3 +320,51 @@ def test_dali_errors_that_are_not_bad_files_are_not_searched(monkeypatch):
     assert "ran out of memory on rank 1" in msg and "--batch-size" in msg and "cudaErrorMemoryAllocation" in msg
     other = RuntimeError("Error in CPU operator `nvidia.dali.fn.readers.webdataset`: Permission denied")
     assert dali.DaliLoader._explain(fake, other) is None
+
+
+def test_dali_refuses_what_would_give_a_rank_an_empty_batch(synthetic_shards):
+    """val has 32 samples; 3 ranks at batch 1 get shares 10, 11, 11: rank 0 would need its single-sample last
+    batch split in two. The torch loaders refuse this; DALI used to yield an empty batch."""
+    with pytest.raises(ValueError, match="non-empty batches"):
+        _make("dali", _cfg(synthetic_shards, batch_size=1), split="val", rank=0, world=3, train=False)
+
+
+def test_dali_validation_pipeline_is_built_once_and_repeats(synthetic_shards, monkeypatch):
+    loader = _make("dali", _cfg(synthetic_shards), split="val", train=False)
+    builds = []
+    real = loader._build
+    monkeypatch.setattr(loader, "_build", lambda: (builds.append(1), real())[1])
+    passes = [[k for b in loader for k in b[2]] for _ in range(3)]
+    assert len(builds) == 1
+    assert passes[0] == passes[1] == passes[2] and sorted(passes[0]) == sorted(set(passes[0]))
+    assert len(passes[0]) == 32
+
+
+def test_torch_loader_without_workers_leaves_the_trainers_rng_alone(synthetic_shards):
+    lo = _make("torch", _cfg(synthetic_shards, workers=0), keys=False)
+    torch.manual_seed(1)
+    it = iter(lo)
+    next(it)
+    after_seed_1 = torch.rand(3)
+    torch.manual_seed(2)
+    it = iter(lo)
+    next(it)
+    assert not torch.equal(torch.rand(3), after_seed_1)  # the batch's own seed did not replace the trainer's
+
+
+def test_folder_validation_labels_follow_the_training_classes(synthetic_root, tmp_path):
+    """val/ lacking a class must not shift the others' labels; an unknown val class is refused."""
+    root = tmp_path / "tree"
+    shutil.copytree(synthetic_root, root)
+    first = sorted(p.name for p in (root / "val").iterdir())[0]
+    shutil.rmtree(root / "val" / first)
+    train = _make("folder", _cfg(root), keys=False)
+    val = _make("folder", _cfg(root), split="val", train=False, keys=True)
+    assert val.classes == train.classes and len(val.classes) == 8
+    for _, labels, keys in val:
+        for label, key in zip(labels.tolist(), keys):
+            assert train.classes[label] == key.split("/")[0]
+    (root / "val" / "zebras").mkdir()
+    shutil.copyfile(next((root / "train").rglob("*.JPEG")), root / "val" / "zebras" / "z.JPEG")
+    with pytest.raises(ValueError, match="class folders that .* lacks \\(zebras\\)"):
+        _make("folder", _cfg(root), split="val", train=False)

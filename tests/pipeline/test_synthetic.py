@@ -37,3 +37,13 @@ def test_unknown_loader_and_dtype():
         build_loader(DataConfig(loader="nope"), "train", DistInfo(), train=True)
     with pytest.raises(ValueError, match="dtype='int8'"):
         build_loader(DataConfig(loader="synthetic", dtype="int8"), "train", DistInfo(), train=True)
+
+
+def test_synthetic_drop_last_like_the_other_loaders():
+    cfg = DataConfig(loader="synthetic", batch_size=8, resolution=32, synthetic_samples=20, drop_last=True)
+    loader = build_loader(cfg, "train", DistInfo(), train=True)
+    assert [b[0].shape[0] for b in loader] == [8, 8] and len(loader) == 2 and loader.num_samples == 16
+    assert len(build_loader(cfg, "val", DistInfo(), train=False)) == 3  # validation keeps every sample
+    with pytest.raises(ValueError, match="less than one batch"):
+        build_loader(DataConfig(loader="synthetic", batch_size=32, synthetic_samples=20, drop_last=True), "train",
+                     DistInfo(), train=True)
