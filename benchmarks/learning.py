@@ -35,7 +35,7 @@ def run(data: Path = IMAGENETTE, loader: str = "folder", arch: str = "resnet18",
     """Train and evaluate; returns the trainer's summary plus the metrics rows and wall time."""
     if threads:
         torch.set_num_threads(threads)
-    out = out or REPO / "runs" / f"learning-{arch}-{resolution}px-{loader}"
+    out = out or REPO / "runs" / f"learning-{arch}-{resolution}px-{loader}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = load_config(None, {
         "data.path": str(data), "data.loader": loader, "data.batch_size": batch_size,
         "data.resolution": resolution, "data.val_resolution": resolution, "data.workers": workers,

@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ def link_tree(src: Path, dst: Path, classes: list[str], per_class: int = 0, seed
 
 
 def run_one(name: str, data: Path, out: Path, overrides: dict, recipe: str | None = "finetune") -> dict:
+    shutil.rmtree(out / name, ignore_errors=True)  # --work is this benchmark's scratch: each run starts afresh
     t0 = time.perf_counter()
     summary = train(load_config(recipe, {"data.path": str(data), "run.out": str(out / name), **overrides}))
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]

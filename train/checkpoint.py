@@ -117,11 +117,12 @@ def checkpoint_name(epoch: int, step: int) -> str:
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Periodic checkpoints, newest (highest global step) first."""
+    """Periodic checkpoints, newest first: by epoch, then global step. Not by step alone: a resume with
+    another batch or world size changes the steps per epoch, so a later epoch can have a smaller step."""
     d = Path(directory)
     if not d.is_dir():
         return []
-    found = [(int(m.group(2)), p) for p in d.iterdir() if (m := PATTERN.match(p.name))]
+    found = [((int(m.group(1)), int(m.group(2))), p) for p in d.iterdir() if (m := PATTERN.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -177,6 +178,8 @@ class CheckpointDir:
         if best:
             self._copy(path, self.dir / "best.pt")
         for old in list_checkpoints(self.dir)[self.keep_last:]:
+            if old == path:  # never the one just written
+                continue
             old.unlink(missing_ok=True)
             old.with_name(old.name + ".sha256").unlink(missing_ok=True)
         return path

@@ -244,10 +244,19 @@ def validate(cfg: Config) -> None:
     _check(p.dtype in PRECISIONS, f"precision.dtype={p.dtype!r}: expected one of {', '.join(PRECISIONS)}")
     _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: expected one of {', '.join(SCHEDULES)}")
     _check(o.lr > 0, f"optim.lr={o.lr}: must be positive")
+    _check(o.backbone_lr_mult >= 0, f"optim.backbone_lr_mult={o.backbone_lr_mult}: must be >= 0 (0 freezes the "
+                                    "backbone's weights; --finetune linear also freezes BN statistics)")
+    _check(0.0 <= o.momentum < 1.0, f"optim.momentum={o.momentum}: expected in [0, 1)")
+    _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    _check(0.0 < d.min_area <= 1.0, f"data.min_area={d.min_area}: the crop's area fraction, in (0, 1]")
+    _check(0.0 < d.val_resize_ratio <= 1.0, f"data.val_resize_ratio={d.val_resize_ratio}: crop / resized size, "
+                                            "in (0, 1] (0.875: resize to 256, crop 224)")
     _check(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay={o.ema_decay}: expected 0 (off) or in (0, 1)")
     _check(0.0 <= o.label_smoothing < 1.0, f"optim.label_smoothing={o.label_smoothing}: expected in [0, 1)")
     _check(o.warmup_epochs >= 0, f"optim.warmup_epochs={o.warmup_epochs}: must be >= 0")
     _check(r.epochs > 0, f"run.epochs={r.epochs}: must be positive")
+    _check(r.max_steps_per_epoch >= 0, f"run.max_steps_per_epoch={r.max_steps_per_epoch}: 0 (whole epochs) or "
+                                       "a positive cap")
     _check(r.log_every > 0 and r.eval_every > 0 and r.keep_last > 0,
            "run.log_every, run.eval_every and run.keep_last must be positive")
     _check(r.device in ("auto", "cpu", "cuda"), f"run.device={r.device!r}: expected auto, cpu or cuda")

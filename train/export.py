@@ -83,7 +83,12 @@ def export_model(model: nn.Module, arch: str, classes: list[str], out: str | Pat
 
 def load_checkpoint_model(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, dict]:
     """Rebuild the model of a checkpoint or export bundle (weights_only) and return it with its metadata."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or holding pickled code
+        raise PretrainedError(f"cannot load {path} with weights_only=True ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}): it is corrupt, truncated or not one of this "
+                              "project's checkpoints or exports") from exc
     if not isinstance(obj, dict) or "arch" not in obj or "classes" not in obj:
         raise PretrainedError(f"{path} is not a checkpoint of this project (no arch/classes inside)")
     from train.model import build_model  # lazy: exporting a live model needs no model registry
@@ -103,7 +108,10 @@ def load_checkpoint_model(path: str | Path, use_ema: bool = True) -> tuple[nn.Mo
 @click.option("--onnx/--no-onnx", default=True, help="Also write model.onnx.")
 def main(checkpoint, out, resolution, ema, onnx):
     """Export a checkpoint as model.pt (weights + classes), model.onnx and model.pt2 (graphs)."""
-    model, meta = load_checkpoint_model(checkpoint, use_ema=ema)
+    try:
+        model, meta = load_checkpoint_model(checkpoint, use_ema=ema)
+    except PretrainedError as exc:
+        raise click.ClickException(str(exc)) from exc
     obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg = obj.get("config") or {}
     res = resolution or meta.get("resolution") or cfg.get("data", {}).get("val_resolution") or 224

@@ -87,7 +87,12 @@ def expand(paths: list[str]) -> list[Path]:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of text.")
 def main(model_path, paths, topk, device, batch_size, as_json):
     """Print the top-k classes of each image file (folders are searched recursively)."""
-    predictor = Predictor.load(model_path, device)
+    try:
+        predictor = Predictor.load(model_path, device)
+    except Exception as exc:  # noqa: BLE001 - any load failure (missing, truncated, foreign file): one clear message
+        raise click.ClickException(f"cannot load --model {model_path} ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:300]}); pass an imt-export folder or a "
+                                   "checkpoint of this project") from exc
     files, failed = expand(paths), 0
     if not files:
         raise click.UsageError(f"no image files found in {', '.join(paths)}")

@@ -39,7 +39,7 @@ import torch
 from pipeline import LOADERS, build_loader
 from train import dist
 from train.checkpoint import (CheckpointDir, CheckpointError, StopFlag, check_compatible, find_resume,
-                              load_checkpoint, rng_state, set_rng_state)
+                              list_checkpoints, load_checkpoint, rng_state, set_rng_state)
 from train.config import Config, ConfigError, load_config, parse_override, resolve
 from train.evaluate import EvalResult, evaluate, save_report
 from train.loop import NonFiniteLoss, train_one_epoch
@@ -108,6 +108,8 @@ def restore(resumed: tuple[Path, dict], model, optimizer, scaler, schedule: LRSc
     """Load a checkpoint into the run's objects; returns (epoch to start, batches to skip in it, best so far)."""
     path, state = resumed
     check_compatible(state, cfg.model.arch, classes, str(path))
+    configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                  for g in optimizer.param_groups]
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])  # parameter groups differ: another --finetune / freezing
@@ -119,6 +121,13 @@ def restore(resumed: tuple[Path, dict], model, optimizer, scaler, schedule: LRSc
             f"{path} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:300]}). It was saved by "
             "another configuration (model, fine-tuning mode, optimizer groups): resume with the settings it was "
             "made with (its config.json), or start a fresh --out") from e
+    # load_state_dict brings back the saved hyperparameters; this run's config (saved as its config.json) wins.
+    changed = sorted({f"{k} {g[k]} -> {want[k]}" for g, want in zip(optimizer.param_groups, configured)
+                      for k in want if g.get(k) != want[k]})
+    for g, want in zip(optimizer.param_groups, configured):
+        g.update(want)
+    if changed:
+        say.write(f"resume: this run's optimizer settings replace the checkpoint's: {', '.join(changed)}")
     steps, saved_steps = schedule.steps_per_epoch, int(state["schedule"]["steps_per_epoch"])
     start_epoch, step = int(state["epoch"]), int(state["step"])
     skip = step - start_epoch * saved_steps  # batches of epoch `start_epoch` already trained (preemption)
@@ -195,8 +204,21 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
             say.write(f"--resume auto: no checkpoint in {ckpts.dir} yet; starting from scratch")
     elif run.resume:
         resumed = (Path(run.resume), load_checkpoint(run.resume))
+    elif dist.broadcast_object(bool(list_checkpoints(ckpts.dir)) if info.is_main else None, info):
+        # A fresh run here would rotate the old run's checkpoints away and mix its best.pt and config.json
+        # with theirs, and a later --resume auto could pick the old run's newest checkpoint.
+        raise ConfigError(f"{out} already holds checkpoints of a run ({list_checkpoints(ckpts.dir)[0].name} ...): "
+                          "continue it with --resume auto, or start this one in a new --out")
     if resumed is not None:
         start_epoch, skip, best = restore(resumed, model, optimizer, scaler, schedule, ema, classes, cfg, info, say)
+        if start_epoch >= run.epochs:  # a job re-queued after it finished: keep its results as they are
+            say.write(f"{out}: all {run.epochs} epochs are done ({resumed[0].name}); nothing to train. Raise "
+                      "--epochs to train further.")
+            saved = out / "summary.json"
+            summary = json.loads(saved.read_text()) if saved.is_file() else {
+                "arch": cfg.model.arch, "epochs": run.epochs, "out": str(out), "world_size": info.world_size,
+                "best": best, "final": None, "images_per_sec": None, "wall_time": 0.0}
+            return {**summary, "rank": info.rank, "already_done": True}
         if skip and cfg.data.loader == "dali":
             say.write(f"note: DALI cannot replay epoch {start_epoch + 1}'s sample order (its pipeline shuffles one "
                       "continuous stream across epochs), so the rest of that epoch draws from a fresh order: in "
@@ -255,6 +277,12 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
                "resolution": res, "images_per_sec": images / stats.seconds,
                "data_wait_fraction": stats.data_wait / stats.seconds, "train_time": train_time}
         is_best = False
+        # The loss is checked before each update, so the last one of the epoch could still have broken the
+        # weights: never evaluate or checkpoint them (a resume would fail on them again and again).
+        if not torch.isfinite(torch.stack([p.detach().float().sum() for p in model.parameters()]).sum()):
+            raise NonFiniteLoss(f"the weights hold NaN/inf after epoch {epoch + 1}; stopping without saving them "
+                                "(the last checkpoint is kept). Lower optim.lr or raise optim.warmup_epochs, then "
+                                "resume with --resume auto")
         dist.broadcast_buffers(model, info)  # rank 0's BN statistics everywhere: eval = checkpoint
         if ema is not None:
             dist.broadcast_buffers(ema.module, info)  # not n_averaged: a CPU tensor NCCL cannot send

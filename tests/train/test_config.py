@@ -81,3 +81,12 @@ def test_resolve_cpu_precision():
         resolve(load_config(None, {"data.loader": "synthetic", "precision.dtype": "float16"}),
                 torch.device("cpu"))
     assert isinstance(Config().to_json(), str)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("run.max_steps_per_epoch", -1, "max_steps_per_epoch=-1"), ("optim.backbone_lr_mult", -1, "backbone_lr_mult=-1"),
+    ("data.val_resize_ratio", 0, "val_resize_ratio=0"), ("data.min_area", 2, "min_area=2"),
+    ("optim.momentum", -3, "momentum=-3"), ("optim.weight_decay", -1, "weight_decay=-1")])
+def test_out_of_range_values_are_refused(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {"data.loader": "synthetic", key: value})

@@ -256,3 +256,52 @@ def test_progressive_resizing_reaches_the_loader_and_tensorboard_gets_the_scalar
         match = [t for t in tags if t.split("/")[-1] == tag]
         assert match, f"{tag} not in {tags}"
         assert [e.step for e in events.Scalars(match[0])] == [1, 2, 3]
+
+
+def test_a_used_out_is_refused_for_a_fresh_run_and_a_finished_run_is_left_alone(tmp_path):
+    """A fresh run into a folder with checkpoints would rotate them away and mix best.pt and config.json;
+    --resume auto on a run that already did all its epochs (a re-queued job) must keep its summary."""
+    from train.config import ConfigError
+
+    first = train(_cfg(tmp_path, **{"run.epochs": 2}))
+    out = tmp_path / "run"
+    files = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="already holds checkpoints .*--resume auto.*new --out"):
+        train(_cfg(tmp_path, **{"run.epochs": 2}))
+    again = train(_cfg(tmp_path, **{"run.epochs": 2, "run.resume": "auto"}))
+    assert again["already_done"] and again["final"] == first["final"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files  # nothing rewritten
+
+
+def test_resume_applies_this_runs_optimizer_settings_and_reads_checkpoints_in_epoch_order(tmp_path, capsys):
+    """optimizer.load_state_dict brought back the saved weight decay and momentum while config.json recorded
+    the new ones. A resume with a bigger batch has fewer steps per epoch: its later checkpoints carry smaller
+    step numbers, and must still count as the newest (rotation used to delete them)."""
+    train(_cfg(tmp_path, **{"run.epochs": 2, "run.keep_last": 2}))  # 4 steps per epoch at batch 8: steps 4, 8
+    train(_cfg(tmp_path, **{"run.epochs": 3, "run.keep_last": 2, "run.resume": "auto", "data.batch_size": 16,
+                            "optim.weight_decay": 0.5, "optim.momentum": 0.5}))  # 2 steps per epoch: step 6
+    names = [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert names == ["epoch0003-step00000006.pt", "epoch0002-step00000008.pt"]
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / names[0])
+    groups = state["optimizer"]["param_groups"]
+    assert {g["momentum"] for g in groups} == {0.5} and max(g["weight_decay"] for g in groups) == 0.5
+    assert "this run's optimizer settings replace the checkpoint's" in capsys.readouterr().out
+
+
+def test_broken_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    """The loss is checked before each update; weights broken by an epoch's last update must not be saved."""
+    import train.run as run_mod
+    from train.loop import NonFiniteLoss
+
+    real_epoch = run_mod.train_one_epoch
+
+    def breaks_the_weights(net, *args, **kwargs):
+        stats = real_epoch(net, *args, **kwargs)
+        with torch.no_grad():
+            next(net.parameters()).fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(run_mod, "train_one_epoch", breaks_the_weights)
+    with pytest.raises(NonFiniteLoss, match="weights hold NaN/inf after epoch 1"):
+        train(_cfg(tmp_path, **{"run.epochs": 1}))
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == []

@@ -249,3 +249,19 @@ def test_export_cli_from_a_training_checkpoint(tmp_path):
 
     pred = Predictor.load(ckpt, "cpu")
     assert pred.classes == state["classes"] and pred.transform(Image.new("RGB", (80, 60))).shape == (3, 40, 40)
+
+
+def test_export_and_predict_name_a_file_they_cannot_load(tmp_path):
+    from click.testing import CliRunner
+
+    from train.export import main as export_main
+    from train.predict import main as predict_main
+
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(b"PK\x03\x04 cut short")
+    r = CliRunner().invoke(export_main, ["--checkpoint", str(bad), "--out", str(tmp_path / "exp")])
+    assert r.exit_code == 1 and "cannot load" in r.output and str(bad) in r.output and r.exception.__class__ is SystemExit
+    img = tmp_path / "a.jpg"
+    Image.new("RGB", (40, 40)).save(img)
+    r = CliRunner().invoke(predict_main, ["--model", str(bad), str(img)])
+    assert r.exit_code == 1 and "cannot load --model" in r.output and r.exception.__class__ is SystemExit
