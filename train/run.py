@@ -181,6 +181,9 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         say.write(f"fine-tuning ({cfg.model.finetune}{', BN statistics frozen' if frozen_bn else ''}): "
                   f"{len(trainable)} of {len(list(model.parameters()))} parameter tensors train; backbone lr x "
                   f"{cfg.optim.backbone_lr_mult:g}")
+    elif cfg.optim.backbone_lr_mult != 1.0:  # e.g. --recipe finetune with --pretrained forgotten
+        say.write(f"note: no --pretrained weights, so this run trains from scratch and optim.backbone_lr_mult="
+                  f"{cfg.optim.backbone_lr_mult:g} does not apply (every layer learns at the full lr)")
     model = prepare(model, device, sync_bn=cfg.model.sync_bn, distributed=info.distributed)
     o = cfg.optim
     parts = build_step_parts(cfg, model, device, heads)
