@@ -53,13 +53,14 @@ class TransferReport:
 
 def head_names(model: nn.Module) -> list[str]:
     """Qualified names of the classifier Linear layers: the last Linear (torchvision's fc / classifier[-1] /
-    heads.head) plus Inception's auxiliary classifier, if any."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    heads.head) plus the auxiliary classifiers' output layers, if any (Inception's AuxLogits.fc, GoogLeNet's
+    aux1.fc2 and aux2.fc2: the Linear layers there with as many outputs as the model has classes)."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise PretrainedError(f"{type(model).__name__} has no Linear classifier to replace")
-    heads = [linears[-1]]
-    heads += [n for n in linears if n.startswith("AuxLogits.") and n not in heads]
-    return heads
+    last, last_module = linears[-1]
+    return [last] + [n for n, m in linears if n != last and n.startswith(("AuxLogits.", "aux"))
+                     and m.out_features == last_module.out_features]
 
 
 def _strip(state: dict) -> dict:

@@ -27,6 +27,8 @@ def test_head_names_cover_common_families():
     assert head_names(torchvision.models.densenet121(num_classes=3)) == ["classifier"]
     inc = torchvision.models.inception_v3(num_classes=3, aux_logits=True, init_weights=False)
     assert head_names(inc) == ["fc", "AuxLogits.fc"]
+    goog = torchvision.models.googlenet(num_classes=3, aux_logits=True, init_weights=False)
+    assert head_names(goog) == ["fc", "aux1.fc2", "aux2.fc2"]  # not aux*.fc1: a hidden layer, kept
 
 
 def test_state_dict_loads_backbone_and_reports_replaced_head(r18_state):
