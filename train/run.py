@@ -207,11 +207,13 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
             say.write(f"--resume auto: no checkpoint in {ckpts.dir} yet; starting from scratch")
     elif run.resume:
         resumed = (Path(run.resume), load_checkpoint(run.resume))
-    elif dist.broadcast_object(bool(list_checkpoints(ckpts.dir)) if info.is_main else None, info):
+    elif newest := dist.broadcast_object(next((p.name for p in list_checkpoints(ckpts.dir)), None)
+                                         if info.is_main else None, info):
         # A fresh run here would rotate the old run's checkpoints away and mix its best.pt and config.json
-        # with theirs, and a later --resume auto could pick the old run's newest checkpoint.
-        raise ConfigError(f"{out} already holds checkpoints of a run ({list_checkpoints(ckpts.dir)[0].name} ...): "
-                          "continue it with --resume auto, or start this one in a new --out")
+        # with theirs, and a later --resume auto could pick the old run's newest checkpoint. Rank 0's view is
+        # told to all: a rank on another node may not see the folder's files.
+        raise ConfigError(f"{out} already holds checkpoints of a run ({newest} ...): continue it with "
+                          "--resume auto, or start this one in a new --out")
     if resumed is not None:
         start_epoch, skip, best = restore(resumed, model, optimizer, scaler, schedule, ema, classes, cfg, info, say)
         if start_epoch >= run.epochs:  # a job re-queued after it finished: keep its results as they are
