@@ -82,21 +82,15 @@ def export_model(model: nn.Module, arch: str, classes: list[str], out: str | Pat
 
 
 def load_checkpoint_model(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, dict]:
-    """Rebuild the model of a checkpoint or export bundle (weights_only) and return it with its metadata."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, or holding pickled code
-        raise PretrainedError(f"cannot load {path} with weights_only=True ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}): it is corrupt, truncated or not one of this "
-                              "project's checkpoints or exports") from exc
-    if not isinstance(obj, dict) or "arch" not in obj or "classes" not in obj:
-        raise PretrainedError(f"{path} is not a checkpoint of this project (no arch/classes inside)")
+    """Rebuild the model of a checkpoint or export bundle (read once, weights_only, sha256-checked) and return
+    it with its metadata (arch, classes, and resolution, resize_ratio, config, mean, std where saved)."""
     from train.model import build_model  # lazy: exporting a live model needs no model registry
 
     state, meta = read_state(path, ema=use_ema)
-    model = build_model(obj["arch"], len(obj["classes"]))
+    if "arch" not in meta or "classes" not in meta:
+        raise PretrainedError(f"{path} is not a checkpoint of this project (no arch/classes inside)")
+    model = build_model(meta["arch"], len(meta["classes"]))
     model.load_state_dict(state)
-    meta = dict(meta, resolution=obj.get("resolution"), resize_ratio=obj.get("resize_ratio"))
     return model.eval(), meta
 
 
@@ -112,8 +106,7 @@ def main(checkpoint, out, resolution, ema, onnx):
         model, meta = load_checkpoint_model(checkpoint, use_ema=ema)
     except PretrainedError as exc:
         raise click.ClickException(str(exc)) from exc
-    obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    cfg = obj.get("config") or {}
+    cfg = meta.get("config") or {}
     res = resolution or meta.get("resolution") or cfg.get("data", {}).get("val_resolution") or 224
     ratio = meta.get("resize_ratio") or cfg.get("data", {}).get("val_resize_ratio") or 0.875
     try:

@@ -35,18 +35,13 @@ class Predictor:
     def load(cls, path: str | Path, device: str = "cpu") -> "Predictor":
         path = Path(path)
         dev = torch.device(device)
-        if path.is_dir():
+        graph = path / "model.pt2"
+        if graph.is_file():  # an export folder with its graph: no model code needed
             bundle = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-            graph = path / "model.pt2"
-            if graph.is_file():  # the exported graph: no model code needed
-                model = torch.export.load(graph).module()
-            else:
-                from train.export import load_checkpoint_model
-                model, _ = load_checkpoint_model(path / "model.pt")
-        else:
+            model = torch.export.load(graph).module()
+        else:  # a checkpoint, or an export folder's model.pt: rebuilt with this project's model code
             from train.export import load_checkpoint_model
-            bundle = torch.load(path, map_location="cpu", weights_only=True)
-            model, _ = load_checkpoint_model(path)
+            model, bundle = load_checkpoint_model(path / "model.pt" if path.is_dir() else path)
         res = int(bundle.get("resolution") or 224)
         ratio = float(bundle.get("resize_ratio") or 0.875)
         mean = bundle.get("mean") or [0.485, 0.456, 0.406]

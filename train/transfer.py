@@ -112,7 +112,8 @@ def read_state(source: str | Path, arch: str = "", ema: bool = True) -> tuple[di
                               "It is corrupt or holds more than tensors; export plain weights "
                               "with torch.save(model.state_dict(), path)") from exc
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        meta = {k: obj[k] for k in ("arch", "classes", "epoch") if k in obj}
+        meta = {k: obj[k] for k in ("arch", "classes", "epoch", "resolution", "resize_ratio", "mean", "std",
+                                    "config") if k in obj}
         if ema and isinstance(obj.get("ema"), dict) and obj["ema"]:  # AveragedModel: "module." + n_averaged
             return _strip({k: v for k, v in obj["ema"].items() if k != "n_averaged"}), {**meta, "weights": "EMA"}
         return _strip(obj["model"]), {**meta, "weights": "raw"}
