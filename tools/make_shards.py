@@ -513,6 +513,9 @@ def _settings_diff(old: dict, new: dict) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
 
 
+_USE_ANOTHER_OUT = "use another --out, or pass --overwrite to delete its shards and start again"
+
+
 def _without_listing(settings: dict) -> dict:
     return {**settings, "source": {k: v for k, v in settings.get("source", {}).items() if k != "listing"}}
 
@@ -530,8 +533,7 @@ def _refuse_other(out: Path, what: str, saved: dict, settings: dict) -> None:
                          f"modified since (listing {old.get(split)} -> {new[split]}); its shards would mix old "
                          "and new files. Pass --overwrite to remake every shard from the files there now, or "
                          "use another --out")
-    raise ShardError(f"{out} holds {what} with other settings ({_settings_diff(saved, settings)}); use another "
-                     "--out, or pass --overwrite to delete its shards and start again")
+    raise ShardError(f"{out} holds {what} with other settings ({_settings_diff(saved, settings)}); {_USE_ANOTHER_OUT}")
 
 
 def _prepare_out(out: Path, settings: dict, overwrite: bool) -> tuple[dict, dict | None]:
@@ -540,7 +542,6 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool) -> tuple[dict, dict
     if overwrite:
         _remove_ours(out)
         return {}, None
-    refuse = (f"; use another --out, or pass --overwrite to delete its shards and start again")
     prog, man = out / PROGRESS_NAME, out / MANIFEST_NAME
     if prog.is_file():
         saved = json.loads(prog.read_text())
@@ -552,7 +553,7 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool) -> tuple[dict, dict
         done = {s["file"]: s for sp in saved["splits"].values() for s in sp["shards"]}
         return done, saved
     if any(True for _ in out.iterdir()):
-        raise ShardError(f"{out} is not empty and holds no shard run{refuse}")
+        raise ShardError(f"{out} is not empty and holds no shard run; {_USE_ANOTHER_OUT}")
     return {}, None
 
 
@@ -579,9 +580,9 @@ def _imap(pool, fn, tasks, chunksize=1):
     return pool.map(fn, tasks, chunksize=chunksize)
 
 
-def _make_split(src: Path, out: Path, split: str, items: list[Item], ignored: int, settings: dict,
-                conv: Convert, done: dict, pool, workers: int, progress: bool, fail_after: list) -> dict:
-    fingerprint = _listing_fingerprint(items)
+def _make_split(src: Path, out: Path, split: str, items: list[Item], ignored: int, fingerprint: str,
+                settings: dict, conv: Convert, done: dict, pool, workers: int, progress: bool,
+                fail_after: list) -> dict:
     results = _load_plan(out, split, fingerprint)
     if results is None:  # check every file; results land by index, so worker order does not matter
         results = [None] * len(items)
@@ -687,7 +688,8 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
             source["meta"] = {"file": Path(meta).name, "sha256": _file_sha(meta)}
     listed = {s: list_split(src, s, class_index, flat_labels if layouts[s] == "flat" else None) for s in splits}
     # What the shards are made of: a resume or re-run over changed files must not keep shards of the old ones.
-    source["listing"] = {s: _listing_fingerprint(items)[:16] for s, (items, _) in listed.items()}
+    fingerprints = {s: _listing_fingerprint(items) for s, (items, _) in listed.items()}
+    source["listing"] = {s: f[:16] for s, f in fingerprints.items()}
     settings = {"seed": seed, "shard_bytes": shard_bytes, "shard_samples": shard_samples,
                 "min_shards": MIN_SHARDS if shard_samples is None else None,
                 "max_side": max_side, "quality": quality, "convert_quality": quality or DEFAULT_QUALITY,
@@ -712,8 +714,8 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
         split_info = {}
         for s in splits:
             items, ignored = listed[s]
-            split_info[s] = _make_split(src, out, s, items, ignored, settings, conv, done, pool, workers,
-                                        progress, fail_after)
+            split_info[s] = _make_split(src, out, s, items, ignored, fingerprints[s], settings, conv, done, pool,
+                                        workers, progress, fail_after)
     except BrokenProcessPool as e:
         raise ShardError(f"a worker process died ({e}; out of memory?); finished shards are kept: "
                          "re-run the same command to resume, perhaps with fewer --workers") from e
