@@ -2,20 +2,10 @@
 run per seed, the table, and the verdict's exit status (the real figures come from the 30-minute run)."""
 from __future__ import annotations
 
-import pytest
 from click.testing import CliRunner
 
 from benchmarks.transfer import RUNS, main
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    import torch
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.train.conftest import one_thread  # noqa: F401 - autouse: one intra-op thread, as the trainer tests
 
 
 def test_transfer_benchmark_runs_every_pair_per_seed(synthetic_root, tmp_path):
