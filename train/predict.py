@@ -37,7 +37,9 @@ class Predictor:
         dev = torch.device(device)
         graph = path / "model.pt2"
         if graph.is_file():  # an export folder with its graph: no model code needed
-            bundle = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+            from train.state import Checkpoint
+            raw = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+            bundle = Checkpoint.from_dict(raw, path / "model.pt").meta()
             model = torch.export.load(graph).module()
         else:  # a checkpoint, or an export folder's model.pt: rebuilt with this project's model code
             from train.export import load_checkpoint_model

@@ -22,6 +22,7 @@ import torchvision
 from torch import nn
 
 from train.checkpoint import CheckpointError, verify_sidecar
+from train.state import Checkpoint
 
 # Prefixes that wrappers add to parameter names: DDP ("module.") and torch.compile ("_orig_mod.").
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -111,12 +112,12 @@ def read_state(source: str | Path, arch: str = "", ema: bool = True) -> tuple[di
         raise PretrainedError(f"cannot load {path} with weights_only=True ({type(exc).__name__}: {exc}). "
                               "It is corrupt or holds more than tensors; export plain weights "
                               "with torch.save(model.state_dict(), path)") from exc
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "arch" in obj:  # ours: train/state.py
+        ckpt = Checkpoint.from_dict(obj, path)
+        weights, which = ckpt.weights(ema)
+        return _strip(weights), {**ckpt.meta(), "weights": which}
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        meta = {k: obj[k] for k in ("arch", "classes", "epoch", "resolution", "resize_ratio", "mean", "std",
-                                    "config") if k in obj}
-        if ema and isinstance(obj.get("ema"), dict) and obj["ema"]:  # AveragedModel: "module." + n_averaged
-            return _strip({k: v for k, v in obj["ema"].items() if k != "n_averaged"}), {**meta, "weights": "EMA"}
-        return _strip(obj["model"]), {**meta, "weights": "raw"}
+        return _strip(obj["model"]), {"weights": "raw"}
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return _strip(obj), {}
     raise PretrainedError(f"{path} is neither one of our checkpoints nor a state dict of tensors")

@@ -220,7 +220,7 @@ def test_progressive_resizing_reaches_the_loader_and_tensorboard_gets_the_scalar
                                                                                    monkeypatch):
     """A real run with run.start_res: the batches the model sees grow 32 -> 48 -> 64 px over the epochs (not only
     the logged number), and TensorBoard receives every metric per epoch."""
-    import train.run as run_mod
+    import train.trainer as run_mod
 
     seen: list[set] = []
     real_epoch = run_mod.train_one_epoch
@@ -290,7 +290,7 @@ def test_resume_applies_this_runs_optimizer_settings_and_reads_checkpoints_in_ep
 
 def test_broken_weights_are_never_checkpointed(tmp_path, monkeypatch):
     """The loss is checked before each update; weights broken by an epoch's last update must not be saved."""
-    import train.run as run_mod
+    import train.trainer as run_mod
     from train.loop import NonFiniteLoss
 
     real_epoch = run_mod.train_one_epoch
