@@ -270,6 +270,19 @@ def validate(cfg: Config) -> None:
                             "torchvision.models.list_models(module=torchvision.models))")
 
 
+def cuda_bf16_native(device: "torch.device") -> bool:  # noqa: F821
+    """True where the GPU runs bfloat16 natively (compute capability >= 8: A100, H100, ...). Plain
+    `torch.cuda.is_bf16_supported()` also says True on V100/T4, where bf16 is emulated through fp32 and
+    far slower than fp16 + GradScaler; `including_emulation=False` (torch >= 2.3) excludes that, and
+    older torch falls back to the capability check that function makes itself."""
+    import torch
+
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3: no including_emulation argument
+        return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve(cfg: Config, device: "torch.device") -> Config:  # noqa: F821
     """Make the machine-dependent choices concrete (precision "auto") and keep the loader's output dtype
     equal to the compute dtype, so config.json says exactly what ran."""
@@ -278,7 +291,7 @@ def resolve(cfg: Config, device: "torch.device") -> Config:  # noqa: F821
     dtype = cfg.precision.dtype
     if dtype == "auto":
         if device.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            dtype = "bfloat16" if cuda_bf16_native(device) else "float16"
         else:
             dtype = "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
     if dtype == "float16" and device.type != "cuda":

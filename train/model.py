@@ -114,7 +114,10 @@ def build_step_parts(cfg, model: nn.Module, device: torch.device, heads: tuple[s
     optimizer = torch.optim.SGD(
         param_groups(model, o.weight_decay, no_bn_bias_decay=o.no_bn_bias_decay, head_names=heads,
                      backbone_lr_mult=o.backbone_lr_mult),
-        lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+        lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+        # CUDA: the fused kernel takes GradScaler's found_inf on the device; the plain one makes the scaler read
+        # it on the host (found_inf.item()) every fp16 step. The CPU keeps the plain path.
+        fused=True if device.type == "cuda" else None)
     return StepParts(optimizer=optimizer,
                      scaler=torch.amp.GradScaler(device.type, enabled=dtype == "float16"),
                      autocast=torch.autocast(device.type, dtype=torch_dtype(dtype), enabled=dtype != "float32"),

@@ -34,7 +34,7 @@ class Checkpoint:
     optimizer: dict = field(default_factory=dict)
     scaler: dict = field(default_factory=dict)
     schedule: dict = field(default_factory=dict)  # LRSchedule.state_dict(): step_count, steps_per_epoch, epochs
-    ema: dict = field(default_factory=dict)       # AveragedModel state dict ({} without EMA)
+    ema: dict = field(default_factory=dict)       # train.ema.EMA state dict ({} without EMA)
     rng: list[dict] = field(default_factory=list)  # one per rank of the saving run
     loaders: list[dict] = field(default_factory=list)  # the training loader's state_dict(), one per rank
     best: dict = field(default_factory=lambda: {"val_top1": -1.0, "epoch": 0})

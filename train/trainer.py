@@ -150,8 +150,8 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     dtype = cfg.precision.dtype
     ema = None
     if o.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(o.ema_decay), use_buffers=True)
+        from train.ema import EMA
+        ema = EMA(model, o.ema_decay)
     state = TrainState(model, optimizer, scaler, schedule, ema, say=say.write)
 
     # ---- resume: every rank reads the same file
@@ -244,7 +244,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
                                 "resume with --resume auto")
         dist.broadcast_buffers(model, info)  # rank 0's BN statistics everywhere: eval = checkpoint
         if ema is not None:
-            dist.broadcast_buffers(ema.module, info)  # not n_averaged: a CPU tensor NCCL cannot send
+            dist.broadcast_buffers(ema.module, info)
         if (epoch + 1) % run.eval_every == 0 or epoch + 1 == run.epochs:
             t_eval = time.perf_counter()
             last_eval = evaluate(ema.module if ema is not None else model, val_loader, autocast, info,
