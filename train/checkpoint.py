@@ -93,21 +93,60 @@ def verify_sidecar(path: Path) -> bool:
     return True
 
 
+def describe(exc: BaseException) -> str:
+    """`Type: first line of the message` for an error message; some exceptions have no message at all
+    (torch.load of a 0-byte file raises a bare EOFError)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
+def read_tensors(path: Path, map_location: Any = "cpu") -> Any:
+    """torch.load(weights_only=True) of a file that exists; CheckpointError naming the file otherwise. The one
+    place that reads a checkpoint or weights file (resume, --pretrained, export and predict all come here)."""
+    if path.stat().st_size == 0:  # a save or copy that never wrote a byte (disk full, killed cp)
+        raise CheckpointError(f"{path} is empty (0 bytes): a save or copy that did not finish. Use an earlier "
+                              "checkpoint (--resume auto picks the newest usable one)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, tampered pickle, pickled code (UnpicklingError)
+        raise CheckpointError(f"cannot load {path} with weights_only=True ({describe(exc)}); it is corrupt, "
+                              "truncated, or holds pickled code. Use an earlier checkpoint.") from exc
+
+
+def nonfinite_tensors(obj: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in `obj` (nested dicts/lists) that hold NaN or inf."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return []
+    return [name for k, v in items for name in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
+def refuse_nonfinite(obj: Any, path: Path) -> None:
+    """CheckpointError when weights or optimizer state hold NaN/inf: training from them only spreads it."""
+    bad = nonfinite_tensors(obj)
+    if bad:
+        raise CheckpointError(f"{path} holds NaN/inf values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}): the training that wrote it had diverged. "
+                              "Use an earlier checkpoint")
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """Verify (sha256 sidecar when present) and load with weights_only=True; CheckpointError otherwise."""
+    """Verify (sha256 sidecar when present) and load with weights_only=True; CheckpointError otherwise,
+    also for an empty file and for weights holding NaN/inf."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not verify_sidecar(path):
         warnings.warn(f"{path} has no {path.name}.sha256; loading it without an integrity check", stacklevel=2)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, tampered pickle, pickled code (UnpicklingError)
-        raise CheckpointError(f"cannot load checkpoint {path} with weights_only=True "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); it is corrupt, "
-                              "truncated, or holds pickled code. Use an earlier checkpoint.") from exc
+    state = read_tensors(path, map_location)
     if not isinstance(state, dict) or "model" not in state or "arch" not in state:
         raise CheckpointError(f"{path} is not a training checkpoint of this project (no model/arch inside)")
+    refuse_nonfinite({k: state.get(k) for k in ("model", "ema", "optimizer")}, path)
     return state
 
 

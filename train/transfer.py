@@ -21,7 +21,7 @@ import torch
 import torchvision
 from torch import nn
 
-from train.checkpoint import CheckpointError, verify_sidecar
+from train.checkpoint import CheckpointError, read_tensors, refuse_nonfinite, verify_sidecar
 
 # Prefixes that wrappers add to parameter names: DDP ("module.") and torch.compile ("_orig_mod.").
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -106,20 +106,26 @@ def read_state(source: str | Path, arch: str = "", ema: bool = True) -> tuple[di
     except CheckpointError as exc:
         raise PretrainedError(f"{exc}. Copy it again, or use another checkpoint of that run") from exc
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, tampered, or holding pickled code
-        raise PretrainedError(f"cannot load {path} with weights_only=True ({type(exc).__name__}: {exc}). "
-                              "It is corrupt or holds more than tensors; export plain weights "
-                              "with torch.save(model.state_dict(), path)") from exc
+        obj = read_tensors(path)  # an empty, truncated or tampered file, or one holding pickled code
+    except CheckpointError as exc:
+        raise PretrainedError(f"{exc} Weights from elsewhere: save them as plain tensors with "
+                              "torch.save(model.state_dict(), path)") from exc
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         meta = {k: obj[k] for k in ("arch", "classes", "epoch", "resolution", "resize_ratio", "mean", "std",
                                     "config") if k in obj}
         if ema and isinstance(obj.get("ema"), dict) and obj["ema"]:  # AveragedModel: "module." + n_averaged
-            return _strip({k: v for k, v in obj["ema"].items() if k != "n_averaged"}), {**meta, "weights": "EMA"}
-        return _strip(obj["model"]), {**meta, "weights": "raw"}
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return _strip(obj), {}
-    raise PretrainedError(f"{path} is neither one of our checkpoints nor a state dict of tensors")
+            state, meta = {k: v for k, v in obj["ema"].items() if k != "n_averaged"}, {**meta, "weights": "EMA"}
+        else:
+            state, meta = obj["model"], {**meta, "weights": "raw"}
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state, meta = obj, {}
+    else:
+        raise PretrainedError(f"{path} is neither one of our checkpoints nor a state dict of tensors")
+    try:
+        refuse_nonfinite(state, path)
+    except CheckpointError as exc:
+        raise PretrainedError(str(exc)) from exc
+    return _strip(state), meta
 
 
 def load_pretrained(model: nn.Module, source: str | Path, arch: str = "",
