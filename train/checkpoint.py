@@ -13,6 +13,8 @@ stored in that form, including the RNG states (numpy's and Python's as integer t
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -64,18 +66,61 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain: torch.save into a file object reports a full disk as
+    RuntimeError('... unexpected pos 704 vs 598') whose __context__ is the OSError (checked, torch 2.14)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _partial_files_removed(tmps: list[Path], needed: int, what: str):
+    """On any failure remove the partial `tmps` (a killed save leaves none behind either: CheckpointDir
+    removes *.tmp at start); a full disk becomes a CheckpointError saying how much room is needed."""
+    try:
+        yield
+    except BaseException as exc:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        if not _is_disk_full(exc):
+            raise
+        directory = tmps[0].parent
+        free = shutil.disk_usage(directory).free
+        raise CheckpointError(
+            f"no space left on {directory}: {needed / 2**20:.0f} MB needed to save {what}, {free / 2**20:.0f} MB "
+            "free. The partial file was removed and the checkpoints already there are kept. Free space there "
+            "(or lower run.keep_last, or use another --out), then continue with --resume auto") from exc
+
+
+def _tensors(obj: Any, prefix: str = ""):
+    """(name, tensor) for every tensor in nested dicts/lists/tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+
+
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """Atomically write `state` and its sha256 sidecar (the sidecar lands first; the .pt appears last)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = _sha256(tmp)
-    _write_atomic(path.with_name(path.name + ".sha256"), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
-    os.replace(tmp, path)
+    needed = sum(t.numel() * t.element_size() for _, t in _tensors(state))
+    with _partial_files_removed([tmp, path.with_name(path.name + ".sha256.tmp")], needed, path.name):
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        _write_atomic(path.with_name(path.name + ".sha256"),
+                      lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+        os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path
 
@@ -113,17 +158,9 @@ def read_tensors(path: Path, map_location: Any = "cpu") -> Any:
                               "truncated, or holds pickled code. Use an earlier checkpoint.") from exc
 
 
-def nonfinite_tensors(obj: Any, prefix: str = "") -> list[str]:
+def nonfinite_tensors(obj: Any) -> list[str]:
     """Names of the floating-point tensors in `obj` (nested dicts/lists) that hold NaN or inf."""
-    if isinstance(obj, torch.Tensor):
-        return [prefix] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
-    if isinstance(obj, dict):
-        items = obj.items()
-    elif isinstance(obj, (list, tuple)):
-        items = enumerate(obj)
-    else:
-        return []
-    return [name for k, v in items for name in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    return [name for name, t in _tensors(obj) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def refuse_nonfinite(obj: Any, path: Path) -> None:
@@ -226,15 +263,16 @@ class CheckpointDir:
     @staticmethod
     def _copy(src: Path, dst: Path) -> None:
         """best.pt: a hard link where the file system allows (no second write), else a copy; atomic."""
-        tmp = dst.with_name(dst.name + ".tmp")
+        tmp, sidecar_tmp = dst.with_name(dst.name + ".tmp"), dst.with_name(dst.name + ".sha256.tmp")
         tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        shutil.copyfile(src.with_name(src.name + ".sha256"), dst.with_name(dst.name + ".sha256.tmp"))
-        os.replace(dst.with_name(dst.name + ".sha256.tmp"), dst.with_name(dst.name + ".sha256"))
-        os.replace(tmp, dst)
+        with _partial_files_removed([tmp, sidecar_tmp], src.stat().st_size, f"{dst.name} (a copy of {src.name})"):
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+            shutil.copyfile(src.with_name(src.name + ".sha256"), sidecar_tmp)
+            os.replace(sidecar_tmp, dst.with_name(dst.name + ".sha256"))
+            os.replace(tmp, dst)
 
 
 # ------------------------------------------------------------------------------------------ RNG states

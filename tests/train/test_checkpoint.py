@@ -199,3 +199,32 @@ def test_nonfinite_checkpoint_is_refused_and_auto_falls_back(tmp_path):
         load_checkpoint(tmp_path / "epoch0002-step00000008.pt")
     with pytest.warns(UserWarning, match="skipping epoch0002-step00000008.pt"):
         assert find_resume(tmp_path)[1]["step"] == 4
+
+
+def test_disk_full_while_saving_keeps_the_previous_and_removes_the_partial(tmp_path, monkeypatch):
+    """The disk fills part-way through torch.save (it then raises 'unexpected pos ...' with the OSError only
+    as its context): the error says where and how much, no .tmp is left, the previous checkpoint stays."""
+    import errno
+    import io
+
+    from train import checkpoint
+
+    ck = CheckpointDir(tmp_path, keep_last=1, is_main=True)
+    ck.save(_state(4), epoch=1, step=4, best=True)
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            if self.tell() + len(data) > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(checkpoint, "open", lambda p, mode="r": FullDisk(p, mode) if "w" in mode else open(p, mode),
+                        raising=False)
+    big = _state(8)
+    big["model"]["w"] = torch.zeros(512, 1024)  # 2 MB
+    with pytest.raises(CheckpointError, match=rf"no space left on {tmp_path}: 2 MB needed .* MB free"):
+        ck.save(big, epoch=2, step=8, best=True)
+    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch0001-step00000004.pt"]
+    assert load_checkpoint(tmp_path / "epoch0001-step00000004.pt")["step"] == 4
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 4
