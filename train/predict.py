@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
+from train.checkpoint import describe
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
@@ -87,9 +89,8 @@ def main(model_path, paths, topk, device, batch_size, as_json):
     try:
         predictor = Predictor.load(model_path, device)
     except Exception as exc:  # noqa: BLE001 - any load failure (missing, truncated, foreign file): one clear message
-        raise click.ClickException(f"cannot load --model {model_path} ({type(exc).__name__}: "
-                                   f"{str(exc).splitlines()[0][:300]}); pass an imt-export folder or a "
-                                   "checkpoint of this project") from exc
+        raise click.ClickException(f"cannot load --model {model_path} ({describe(exc)}); pass an imt-export "
+                                   "folder or a checkpoint of this project") from exc
     files, failed = expand(paths), 0
     if not files:
         raise click.UsageError(f"no image files found in {', '.join(paths)}")

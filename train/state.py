@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from pipeline.common import MEAN, STD
-from train.checkpoint import CheckpointError, check_compatible, set_rng_state
+from train.checkpoint import CheckpointError, check_compatible, describe, set_rng_state
 
 VERSION = 2
 
@@ -125,7 +125,7 @@ class TrainState:
                 self.ema.load_state_dict(ckpt.ema)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(
-                f"{path} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:300]}). It was saved "
+                f"{path} does not fit this run ({describe(e)}). It was saved "
                 "by another configuration (model, fine-tuning mode, optimizer groups): resume with the settings "
                 "it was made with (its config.json), or start a fresh --out") from e
         # load_state_dict brings back the saved hyperparameters; this run's config (saved as its config.json) wins.

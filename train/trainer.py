@@ -21,6 +21,7 @@ from train.evaluate import EvalResult, evaluate, save_report
 from train.loop import NonFiniteLoss, train_one_epoch
 from train.model import build_model, build_step_parts, prepare, unwrap
 from train.monitor import MetricsLog, Progress
+from train.runlock import locked_run
 from train.schedule import LRSchedule, peak_lr, resolution_at
 from train.state import Checkpoint, TrainState
 
@@ -105,7 +106,8 @@ def train(cfg: Config, stop: StopFlag | None = None) -> dict:
     own_flag = stop is None
     stop = (StopFlag().install() if own_flag else stop)
     try:
-        return _train(resolve(cfg, info.device), info, stop)
+        with locked_run(cfg.run.out, info):  # one run per --out at a time
+            return _train(resolve(cfg, info.device), info, stop)
     finally:
         if own_flag:
             stop.restore()

@@ -21,7 +21,7 @@ import torch
 import torchvision
 from torch import nn
 
-from train.checkpoint import CheckpointError, verify_sidecar
+from train.checkpoint import CheckpointError, read_tensors, refuse_nonfinite, verify_sidecar
 from train.state import Checkpoint
 
 # Prefixes that wrappers add to parameter names: DDP ("module.") and torch.compile ("_orig_mod.").
@@ -107,20 +107,25 @@ def read_state(source: str | Path, arch: str = "", ema: bool = True) -> tuple[di
     except CheckpointError as exc:
         raise PretrainedError(f"{exc}. Copy it again, or use another checkpoint of that run") from exc
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, tampered, or holding pickled code
-        raise PretrainedError(f"cannot load {path} with weights_only=True ({type(exc).__name__}: {exc}). "
-                              "It is corrupt or holds more than tensors; export plain weights "
-                              "with torch.save(model.state_dict(), path)") from exc
+        obj = read_tensors(path)  # an empty, truncated or tampered file, or one holding pickled code
+    except CheckpointError as exc:
+        raise PretrainedError(f"{exc} Weights from elsewhere: save them as plain tensors with "
+                              "torch.save(model.state_dict(), path)") from exc
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "arch" in obj:  # ours: train/state.py
         ckpt = Checkpoint.from_dict(obj, path)
-        weights, which = ckpt.weights(ema)
-        return _strip(weights), {**ckpt.meta(), "weights": which}
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        return _strip(obj["model"]), {"weights": "raw"}
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return _strip(obj), {}
-    raise PretrainedError(f"{path} is neither one of our checkpoints nor a state dict of tensors")
+        state, which = ckpt.weights(ema)
+        meta = {**ckpt.meta(), "weights": which}
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        state, meta = obj["model"], {"weights": "raw"}
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state, meta = obj, {}
+    else:
+        raise PretrainedError(f"{path} is neither one of our checkpoints nor a state dict of tensors")
+    try:
+        refuse_nonfinite(state, path)
+    except CheckpointError as exc:
+        raise PretrainedError(str(exc)) from exc
+    return _strip(state), meta
 
 
 def load_pretrained(model: nn.Module, source: str | Path, arch: str = "",

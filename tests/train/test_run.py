@@ -265,12 +265,13 @@ def test_a_used_out_is_refused_for_a_fresh_run_and_a_finished_run_is_left_alone(
 
     first = train(_cfg(tmp_path, **{"run.epochs": 2}))
     out = tmp_path / "run"
-    files = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    files = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "run.lock"}
     with pytest.raises(ConfigError, match="already holds checkpoints .*--resume auto.*new --out"):
         train(_cfg(tmp_path, **{"run.epochs": 2}))
     again = train(_cfg(tmp_path, **{"run.epochs": 2, "run.resume": "auto"}))
     assert again["already_done"] and again["final"] == first["final"]
-    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files  # nothing rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")
+            if p.is_file() and p.name != "run.lock"} == files  # nothing rewritten but the run lock
 
 
 def test_resume_applies_this_runs_optimizer_settings_and_reads_checkpoints_in_epoch_order(tmp_path, capsys):
