@@ -77,6 +77,8 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
+from train.cli import CONTEXT
+
 # The shard format's names, as pipeline/manifest.py reads them (tests/tools check they agree). Not
 # imported from there: `pipeline/__init__` imports torch (2.2 s), paid again by every spawned worker.
 FORMAT, VERSION, MANIFEST_NAME, INDEX_VERSION = "imt-shards", 1, "manifest.json", "v1.2"
@@ -760,7 +762,7 @@ def summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.option("--src", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder with one subfolder per split (train/, val/, ...).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for shards.")
