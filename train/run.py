@@ -25,6 +25,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python train/run.py`: import from the repository root, not from train/
@@ -170,34 +171,6 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     if list(val_loader.classes) != classes:  # labels would mean other classes: every metric wrong, silently
         raise ConfigError(f"the val split's classes differ from train's ({len(val_loader.classes)} vs "
                           f"{len(classes)}): make both splits from the same class list")
-    model = build_model(cfg.model.arch, len(classes), zero_init_residual=cfg.model.zero_init_residual)
-    heads: list[str] = []
-    if cfg.model.pretrained:
-        from train.transfer import head_names, load_pretrained, set_trainable
-        for line in load_pretrained(model, cfg.model.pretrained, cfg.model.arch, classes).lines():
-            say.write(line)
-        heads = head_names(model)
-        trainable = set_trainable(model, cfg.model.finetune, cfg.model.freeze_bn)
-        frozen_bn = cfg.model.freeze_bn or cfg.model.finetune == "linear"  # a probe never updates BN statistics
-        say.write(f"fine-tuning ({cfg.model.finetune}{', BN statistics frozen' if frozen_bn else ''}): "
-                  f"{len(trainable)} of {len(list(model.parameters()))} parameter tensors train; backbone lr x "
-                  f"{cfg.optim.backbone_lr_mult:g}")
-    elif cfg.optim.backbone_lr_mult != 1.0:  # e.g. --recipe finetune with --pretrained forgotten
-        say.write(f"note: no --pretrained weights, so this run trains from scratch and optim.backbone_lr_mult="
-                  f"{cfg.optim.backbone_lr_mult:g} does not apply (every layer learns at the full lr)")
-    model = prepare(model, device, sync_bn=cfg.model.sync_bn, distributed=info.distributed)
-    o = cfg.optim
-    parts = build_step_parts(cfg, model, device, heads)
-    optimizer, scaler, autocast, loss_fn = parts.optimizer, parts.scaler, parts.autocast, parts.loss_fn
-    steps = len(train_loader) if not run.max_steps_per_epoch else min(len(train_loader), run.max_steps_per_epoch)
-    global_batch = cfg.data.batch_size * info.world_size
-    schedule = LRSchedule(optimizer, o, peak_lr(o, global_batch), steps, run.epochs)
-    dtype = cfg.precision.dtype
-    ema = None
-    if o.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(o.ema_decay), use_buffers=True)
-
     # ---- resume: every rank reads the same file
     ckpts = CheckpointDir(out / "checkpoints", run.keep_last, info.is_main)
     start_epoch, skip, best = 0, 0, {"val_top1": -1.0, "epoch": 0}
@@ -215,6 +188,31 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         # told to all: a rank on another node may not see the folder's files.
         raise ConfigError(f"{out} already holds checkpoints of a run ({newest} ...): continue it with "
                           "--resume auto, or start this one in a new --out")
+    if run.resume:
+        from train.transfer import finetune_of_checkpoint
+        cfg = replace(cfg, model=finetune_of_checkpoint(cfg.model, resumed[1] if resumed else None))
+
+    model = build_model(cfg.model.arch, len(classes), zero_init_residual=cfg.model.zero_init_residual)
+    heads: list[str] = []
+    if cfg.model.pretrained:
+        from train.transfer import setup_finetune
+        heads = setup_finetune(model, cfg, classes, say.write, load=resumed is None)
+    elif cfg.optim.backbone_lr_mult != 1.0:  # e.g. --recipe finetune with --pretrained forgotten
+        say.write(f"note: no --pretrained weights, so this run trains from scratch and optim.backbone_lr_mult="
+                  f"{cfg.optim.backbone_lr_mult:g} does not apply (every layer learns at the full lr)")
+    model = prepare(model, device, sync_bn=cfg.model.sync_bn, distributed=info.distributed)
+    o = cfg.optim
+    parts = build_step_parts(cfg, model, device, heads)
+    optimizer, scaler, autocast, loss_fn = parts.optimizer, parts.scaler, parts.autocast, parts.loss_fn
+    steps = len(train_loader) if not run.max_steps_per_epoch else min(len(train_loader), run.max_steps_per_epoch)
+    global_batch = cfg.data.batch_size * info.world_size
+    schedule = LRSchedule(optimizer, o, peak_lr(o, global_batch), steps, run.epochs)
+    dtype = cfg.precision.dtype
+    ema = None
+    if o.ema_decay:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(o.ema_decay), use_buffers=True)
+
     if resumed is not None:
         start_epoch, skip, best = restore(resumed, model, optimizer, scaler, schedule, ema, classes, cfg, info, say)
         if start_epoch >= run.epochs:  # a job re-queued after it finished: keep its results as they are

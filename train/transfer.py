@@ -21,7 +21,7 @@ silently.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -216,6 +216,37 @@ def load_pretrained(model: nn.Module, source: str | Path, arch: str = "",
     name = f"{source} ({', '.join(w for w in what if w)})" if any(what) else str(source)
     return TransferReport(name, tuple(loaded), tuple(replaced), tuple(missing), tuple(unexpected),
                           tuple(mismatched))
+
+
+def finetune_of_checkpoint(model_cfg, state: dict | None):
+    """The fine-tuning setup of a resumed run (a `ModelConfig`). A checkpoint knows it was a fine-tune: its
+    config names the pretrained source, the mode and frozen BN. A resume without --pretrained takes those three
+    from it, so the parameter groups and frozen modules are rebuilt as they were (the weights come from the
+    checkpoint, not from the source, which need not exist any more)."""
+    saved = ((state or {}).get("config") or {}).get("model") or {}
+    if not model_cfg.pretrained and saved.get("pretrained"):
+        model_cfg = replace(model_cfg, pretrained=saved["pretrained"], finetune=saved.get("finetune", "full"),
+                            freeze_bn=bool(saved.get("freeze_bn", False)))
+    if not model_cfg.pretrained and (model_cfg.finetune != "full" or model_cfg.freeze_bn):
+        raise PretrainedError("model.finetune=linear and model.freeze_bn need pretrained weights, and there is no "
+                              "fine-tuning checkpoint to resume from: pass --pretrained <checkpoint, state dict or "
+                              "torchvision:<arch>>")
+    return model_cfg
+
+
+def setup_finetune(model: nn.Module, cfg, classes: list[str], say, load: bool = True) -> list[str]:
+    """Fine-tuning from `cfg.model.pretrained`: load its weights (not when `load` is False: a resume, whose
+    checkpoint brings them), choose what trains, say so. Returns the classifier's names (the head's lr group)."""
+    m = cfg.model
+    if load:
+        for line in load_pretrained(model, m.pretrained, m.arch, classes).lines():
+            say(line)
+    trainable = set_trainable(model, m.finetune, m.freeze_bn)
+    frozen_bn = m.freeze_bn or m.finetune == "linear"  # a probe never updates BN statistics
+    say(f"fine-tuning ({m.finetune}{', BN statistics frozen' if frozen_bn else ''}): {len(trainable)} of "
+        f"{len(list(model.parameters()))} parameter tensors train; backbone lr x {cfg.optim.backbone_lr_mult:g}"
+        + ("" if load else f" (set up as in the checkpoint; pretrained from {m.pretrained})"))
+    return head_names(model)
 
 
 def _submodule(state: dict, target: dict) -> tuple[dict, str]:
