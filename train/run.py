@@ -140,8 +140,8 @@ def restore(resumed: tuple[Path, dict], model, optimizer, scaler, schedule: LRSc
     schedule.load_state_dict({"step_count": start_epoch * steps + skip})
     rngs = state["rng"]  # one per rank of the saving run
     set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
-    say.write(f"resumed from {path} (epoch {start_epoch}, step {step}"
-              + (f", {skip} steps into epoch {start_epoch + 1})" if skip else ")"))
+    say.write(f"resumed from {path} (" + (f"{skip} steps into epoch {start_epoch + 1}" if skip else
+                                          f"epoch {start_epoch} done") + f", global step {step})")
     return start_epoch, skip, dict(state.get("best", {"val_top1": -1.0, "epoch": 0}))
 
 
@@ -243,14 +243,16 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
               f"on {device} | {dtype} | {steps} steps/epoch x {run.epochs} epochs | global batch {global_batch} "
               f"| peak lr {schedule.peak:.4g} | out {out}")
 
-    def checkpoint(epoch: int, step: int, is_best: bool = False) -> Path | None:
+    def checkpoint(epoch: int, step: int, is_best: bool = False, mid_epoch: bool = False) -> Path | None:
+        """`epoch`: epochs completed (what resume counts from); the file is named after the epoch as the screen
+        numbers it: the one just finished, or (mid_epoch) the one in progress."""
         rngs = dist.all_gather_object(rng_state(), info)  # collective: every rank gets here
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "schedule": schedule.state_dict(), "ema": ema.state_dict() if ema is not None else {},
                  "epoch": epoch, "step": step, "rng": rngs, "config": cfg.to_dict(), "classes": classes,
                  "arch": cfg.model.arch, "best": best, "world_size": info.world_size,
                  "resolution": cfg.data.val_resolution, "resize_ratio": cfg.data.val_resize_ratio}
-        return ckpts.save(state, epoch, step, best=is_best)
+        return ckpts.save(state, epoch + mid_epoch, step, best=is_best)
 
     def stopped(path: Path | None, step: int) -> dict:
         metrics.close()
@@ -274,7 +276,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         skip = 0
         global_step = epoch * steps + stats.steps
         if stats.stopped:  # preempted mid-epoch: save where we are; resume skips the batches already seen
-            return stopped(checkpoint(epoch, global_step), global_step)
+            return stopped(checkpoint(epoch, global_step, mid_epoch=True), global_step)
         train_time = time.perf_counter() - t_epoch
         images = dist.all_reduce_sum(torch.tensor([stats.images], device=device), info).item()
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "lr": schedule.lr(global_step - 1),
