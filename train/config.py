@@ -231,7 +231,8 @@ def validate(cfg: Config) -> None:
     _check(d.loader == "synthetic" or bool(d.path),
            f"data.path is empty: pass --data <folder written by imt-make-shards> (or --loader synthetic)")
     _check(m.finetune in FINETUNE_MODES, f"model.finetune={m.finetune!r}: expected one of {', '.join(FINETUNE_MODES)}")
-    _check(m.pretrained or (m.finetune == "full" and not m.freeze_bn),
+    # On --resume the checkpoint's config supplies them (train.transfer.finetune_of_checkpoint checks again).
+    _check(m.pretrained or r.resume or (m.finetune == "full" and not m.freeze_bn),
            "model.finetune=linear and model.freeze_bn need pretrained weights: pass --pretrained <checkpoint, "
            "state dict or torchvision:<arch>>")
     # SyncBatchNorm modules replace the frozen ones (convert_sync_batchnorm builds fresh modules), so the

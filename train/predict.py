@@ -22,6 +22,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from train.checkpoint import describe
+from train.cli import CONTEXT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
@@ -76,7 +77,7 @@ def expand(paths: list[str]) -> list[Path]:
     return files
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings=CONTEXT)
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True),
               help="Export folder (imt-export) or checkpoint.")
 @click.argument("paths", nargs=-1, required=True)

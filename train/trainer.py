@@ -7,6 +7,7 @@ import json
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,8 @@ def restore(resumed: tuple[Path, dict], state: TrainState, schedule: LRSchedule,
                   f"has {steps} steps/epoch (batch or world size changed): epoch {start_epoch + 1} restarts")
         skip = 0
     schedule.load_state_dict({"step_count": start_epoch * steps + skip})
-    say.write(f"resumed from {path} (epoch {start_epoch}, step {step}"
-              + (f", {skip} steps into epoch {start_epoch + 1})" if skip else ")"))
+    say.write(f"resumed from {path} (" + (f"{skip} steps into epoch {start_epoch + 1}" if skip else
+                                          f"epoch {start_epoch} done") + f", global step {step})")
     return start_epoch, skip
 
 
@@ -127,35 +128,6 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     if list(val_loader.classes) != classes:  # labels would mean other classes: every metric wrong, silently
         raise ConfigError(f"the val split's classes differ from train's ({len(val_loader.classes)} vs "
                           f"{len(classes)}): make both splits from the same class list")
-    model = build_model(cfg.model.arch, len(classes), zero_init_residual=cfg.model.zero_init_residual)
-    heads: list[str] = []
-    if cfg.model.pretrained:
-        from train.transfer import head_names, load_pretrained, set_trainable
-        for line in load_pretrained(model, cfg.model.pretrained, cfg.model.arch, classes).lines():
-            say.write(line)
-        heads = head_names(model)
-        trainable = set_trainable(model, cfg.model.finetune, cfg.model.freeze_bn)
-        frozen_bn = cfg.model.freeze_bn or cfg.model.finetune == "linear"  # a probe never updates BN statistics
-        say.write(f"fine-tuning ({cfg.model.finetune}{', BN statistics frozen' if frozen_bn else ''}): "
-                  f"{len(trainable)} of {len(list(model.parameters()))} parameter tensors train; backbone lr x "
-                  f"{cfg.optim.backbone_lr_mult:g}")
-    elif cfg.optim.backbone_lr_mult != 1.0:  # e.g. --recipe finetune with --pretrained forgotten
-        say.write(f"note: no --pretrained weights, so this run trains from scratch and optim.backbone_lr_mult="
-                  f"{cfg.optim.backbone_lr_mult:g} does not apply (every layer learns at the full lr)")
-    model = prepare(model, device, sync_bn=cfg.model.sync_bn, distributed=info.distributed)
-    o = cfg.optim
-    parts = build_step_parts(cfg, model, device, heads)
-    optimizer, scaler, autocast, loss_fn = parts.optimizer, parts.scaler, parts.autocast, parts.loss_fn
-    steps = len(train_loader) if not run.max_steps_per_epoch else min(len(train_loader), run.max_steps_per_epoch)
-    global_batch = cfg.data.batch_size * info.world_size
-    schedule = LRSchedule(optimizer, o, peak_lr(o, global_batch), steps, run.epochs)
-    dtype = cfg.precision.dtype
-    ema = None
-    if o.ema_decay:
-        from train.ema import EMA
-        ema = EMA(model, o.ema_decay)
-    state = TrainState(model, optimizer, scaler, schedule, ema, say=say.write)
-
     # ---- resume: every rank reads the same file
     ckpts = CheckpointDir(out / "checkpoints", run.keep_last, info.is_main)
     start_epoch, skip = 0, 0
@@ -173,6 +145,32 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         # told to all: a rank on another node may not see the folder's files.
         raise ConfigError(f"{out} already holds checkpoints of a run ({newest} ...): continue it with "
                           "--resume auto, or start this one in a new --out")
+    if run.resume:  # a fine-tuning run resumed without --pretrained: its checkpoint says how it was set up
+        from train.transfer import finetune_of_checkpoint
+        cfg = replace(cfg, model=finetune_of_checkpoint(cfg.model, resumed[1] if resumed else None))
+
+    model = build_model(cfg.model.arch, len(classes), zero_init_residual=cfg.model.zero_init_residual)
+    heads: list[str] = []
+    if cfg.model.pretrained:
+        from train.transfer import setup_finetune
+        heads = setup_finetune(model, cfg, classes, say.write, load=resumed is None)
+    elif cfg.optim.backbone_lr_mult != 1.0:  # e.g. --recipe finetune with --pretrained forgotten
+        say.write(f"note: no --pretrained weights, so this run trains from scratch and optim.backbone_lr_mult="
+                  f"{cfg.optim.backbone_lr_mult:g} does not apply (every layer learns at the full lr)")
+    model = prepare(model, device, sync_bn=cfg.model.sync_bn, distributed=info.distributed)
+    o = cfg.optim
+    parts = build_step_parts(cfg, model, device, heads)
+    optimizer, scaler, autocast, loss_fn = parts.optimizer, parts.scaler, parts.autocast, parts.loss_fn
+    steps = len(train_loader) if not run.max_steps_per_epoch else min(len(train_loader), run.max_steps_per_epoch)
+    global_batch = cfg.data.batch_size * info.world_size
+    schedule = LRSchedule(optimizer, o, peak_lr(o, global_batch), steps, run.epochs)
+    dtype = cfg.precision.dtype
+    ema = None
+    if o.ema_decay:
+        from train.ema import EMA
+        ema = EMA(model, o.ema_decay)
+    state = TrainState(model, optimizer, scaler, schedule, ema, say=say.write)
+
     if resumed is not None:
         start_epoch, skip = restore(resumed, state, schedule, classes, cfg, info, say)
         if start_epoch >= run.epochs:  # a job re-queued after it finished: keep its results as they are
@@ -203,11 +201,13 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
               f"on {device} | {dtype} | {steps} steps/epoch x {run.epochs} epochs | global batch {global_batch} "
               f"| peak lr {schedule.peak:.4g} | out {out}")
 
-    def checkpoint(epoch: int, step: int, is_best: bool = False) -> Path | None:
+    def checkpoint(epoch: int, step: int, is_best: bool = False, mid_epoch: bool = False) -> Path | None:
+        """`epoch`: epochs completed (what resume counts from); the file is named after the epoch as the screen
+        numbers it: the one just finished, or (mid_epoch) the one in progress."""
         rngs = dist.all_gather_object(rng_state(), info)  # collective: every rank gets here
         ckpt = state.capture(epoch=epoch, step=step, rngs=rngs, loaders=[], cfg=cfg, classes=classes,
                              world_size=info.world_size)
-        return ckpts.save(ckpt.to_dict(), epoch, step, best=is_best)
+        return ckpts.save(ckpt.to_dict(), epoch + mid_epoch, step, best=is_best)
 
     def stopped(path: Path | None, step: int) -> dict:
         metrics.close()
@@ -231,7 +231,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         skip = 0
         global_step = epoch * steps + stats.steps
         if stats.stopped:  # preempted mid-epoch: save where we are; resume skips the batches already seen
-            return stopped(checkpoint(epoch, global_step), global_step)
+            return stopped(checkpoint(epoch, global_step, mid_epoch=True), global_step)
         train_time = time.perf_counter() - t_epoch
         images = dist.all_reduce_sum(torch.tensor([stats.images], device=device), info).item()
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "lr": schedule.lr(global_step - 1),

@@ -90,7 +90,8 @@ def test_stop_and_resume_is_exact(tmp_path, loader, request):
                      "run.max_steps_per_epoch": 3, "data.dtype": "float32"})
     train(_cfg(tmp_path, "whole", **over))
     stopped = train(_cfg(tmp_path, "split", **over), stop=StopAfter(5))  # epoch 2, step 1 of 4 (or 2 of 3)
-    assert stopped["stopped"] == signal.SIGTERM and "epoch0001" in stopped["checkpoint"]
+    # named after the epoch the screen shows ("epoch 2/2"), not the 0-based index
+    assert stopped["stopped"] == signal.SIGTERM and Path(stopped["checkpoint"]).name.startswith("epoch0002-")
     done = train(_cfg(tmp_path, "split", **{**over, "run.resume": "auto"}))
     assert "stopped" not in done
     _assert_same(_params(tmp_path / "whole"), _params(tmp_path / "split"))
@@ -208,6 +209,41 @@ def test_finetune_from_our_checkpoint_linear_and_full(tmp_path):
     assert not torch.equal(full["model"]["conv1.weight"], pre["model"]["conv1.weight"])
     groups = {g["name"]: g for g in full["optimizer"]["param_groups"]}
     assert groups["backbone"]["lr"] == pytest.approx(0.25 * groups["head"]["lr"]) and groups["head"]["lr"] > 0
+
+
+def test_finetune_resumes_without_repeating_pretrained(tmp_path, capsys):
+    """The checkpoint knows it was a fine-tune: a resume without --pretrained (its file gone meanwhile) rebuilds
+    the same parameter groups and frozen modules and continues, for a linear probe and for full fine-tuning."""
+    import shutil
+
+    from train.transfer import PretrainedError
+
+    train(_cfg(tmp_path, "pre", **{"run.epochs": 1}))
+    weights = tmp_path / "weights.pt"
+    shutil.copy(tmp_path / "pre" / "checkpoints" / "best.pt", weights)
+    ft = {"data.synthetic_classes": 3, "data.synthetic_samples": 24}
+    for mode, extra in (("linear", {}), ("full", {"optim.backbone_lr_mult": 0.25})):
+        name = f"ft-{mode}"
+        train(_cfg(tmp_path, name, **ft, **extra, **{"run.epochs": 1, "model.pretrained": str(weights),
+                                                      "model.finetune": mode}))
+        first = load_checkpoint(list_checkpoints(tmp_path / name / "checkpoints")[0])
+        hidden = weights.rename(tmp_path / "elsewhere.pt")
+        capsys.readouterr()
+        summary = train(_cfg(tmp_path, name, **ft, **extra, **{"run.epochs": 2, "run.resume": "auto"}))
+        out = capsys.readouterr().out
+        hidden.rename(weights)
+        assert summary["epochs"] == 2 and "trains from scratch" not in out
+        assert f"fine-tuning ({mode}" in out and "set up as in the checkpoint" in out
+        second = load_checkpoint(list_checkpoints(tmp_path / name / "checkpoints")[0])
+        assert second["epoch"] == 2 and second["config"]["model"]["pretrained"] == str(weights)
+        assert [g["name"] for g in second["optimizer"]["param_groups"]] == \
+            [g["name"] for g in first["optimizer"]["param_groups"]]
+        if mode == "linear":  # still a probe: the backbone and its BN statistics did not move
+            bn = "layer1.0.bn1.running_mean"
+            assert torch.equal(second["model"][bn], first["model"][bn])
+            assert torch.equal(second["model"]["conv1.weight"], first["model"]["conv1.weight"])
+    with pytest.raises(PretrainedError, match="no fine-tuning checkpoint to resume from"):
+        train(_cfg(tmp_path, "nothing-yet", **{"run.resume": "auto", "model.finetune": "linear"}))
 
 
 def test_linear_probe_needs_pretrained_weights(tmp_path):
