@@ -45,7 +45,7 @@ from train.evaluate import EvalResult, evaluate, save_report
 from train.loop import NonFiniteLoss, train_one_epoch
 from train.model import build_model, build_step_parts, prepare, unwrap
 from train.monitor import MetricsLog, Progress
-from train.schedule import LRSchedule, peak_lr, resolution_at
+from train.schedule import LRSchedule, describe_schedule, fit_schedule, peak_lr, resolution_at
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -158,9 +158,10 @@ def train(cfg: Config, stop: StopFlag | None = None) -> dict:
 
 def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     t_start = time.perf_counter()
+    say = Progress(info.is_main, info.world_size)
+    cfg, notes = fit_schedule(cfg)  # the schedule made to fit this run's length, one note per change
     run, device = cfg.run, info.device
     out = Path(run.out)
-    say = Progress(info.is_main, info.world_size)
     seed_everything(run.seed, run.deterministic)  # same seed on every rank: identical initial weights
 
     train_loader = build_loader(cfg.data, "train", info, train=True)
@@ -243,6 +244,8 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     say.write(f"{cfg.model.arch} | {len(classes)} classes | {cfg.data.loader} loader | {info.world_size} rank(s) "
               f"on {device} | {dtype} | {steps} steps/epoch x {run.epochs} epochs | global batch {global_batch} "
               f"| peak lr {schedule.peak:.4g} | out {out}")
+    for line in [*notes, describe_schedule(cfg, steps, schedule.peak)]:
+        say.write(line)
 
     def checkpoint(epoch: int, step: int, is_best: bool = False) -> Path | None:
         rngs = dist.all_gather_object(rng_state(), info)  # collective: every rank gets here

@@ -305,3 +305,13 @@ def test_broken_weights_are_never_checkpointed(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLoss, match="weights hold NaN/inf after epoch 1"):
         train(_cfg(tmp_path, **{"run.epochs": 1}))
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+def test_the_schedule_is_fitted_to_the_run_and_printed_once(tmp_path, capsys):
+    """A warm-up longer than half the run is clamped (config.json records what ran) and the resolved schedule
+    is printed at start."""
+    train(_cfg(tmp_path, **{"run.epochs": 2, "optim.warmup_epochs": 5}))
+    out = capsys.readouterr().out
+    assert "warm-up clamped to 1 epochs" in out
+    assert out.count("schedule: warm-up 4 steps (1 epochs) to peak lr") == 1 and "train px per epoch: 32 x2" in out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["warmup_epochs"] == 1
