@@ -43,6 +43,7 @@ from train.checkpoint import (CheckpointDir, CheckpointError, StopFlag, check_co
 from train.config import Config, ConfigError, load_config, parse_override, resolve
 from train.evaluate import EvalResult, evaluate, save_report
 from train.loop import NonFiniteLoss, train_one_epoch
+from train.mix import build_mix
 from train.model import build_model, build_step_parts, prepare, unwrap
 from train.monitor import MetricsLog, Progress
 from train.schedule import LRSchedule, describe_schedule, fit_schedule, peak_lr, resolution_at
@@ -108,6 +109,10 @@ def restore(resumed: tuple[Path, dict], model, optimizer, scaler, schedule: LRSc
     """Load a checkpoint into the run's objects; returns (epoch to start, batches to skip in it, best so far)."""
     path, state = resumed
     check_compatible(state, cfg.model.arch, classes, str(path))
+    saved = state.get("config", {}).get("optim", {}).get("optimizer", "sgd")  # its state means nothing to another
+    if saved != cfg.optim.optimizer:
+        raise CheckpointError(f"{path} was trained with optim.optimizer={saved}, this run asks for "
+                              f"{cfg.optim.optimizer}: resume with --set optim.optimizer={saved}, or start a fresh --out")
     configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
                   for g in optimizer.param_groups]
     try:
@@ -190,7 +195,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     parts = build_step_parts(cfg, model, device, heads)
     optimizer, scaler, autocast, loss_fn = parts.optimizer, parts.scaler, parts.autocast, parts.loss_fn
     steps = len(train_loader) if not run.max_steps_per_epoch else min(len(train_loader), run.max_steps_per_epoch)
-    global_batch = cfg.data.batch_size * info.world_size
+    global_batch = cfg.data.batch_size * info.world_size * cfg.optim.grad_accum  # images per optimizer update
     schedule = LRSchedule(optimizer, o, peak_lr(o, global_batch), steps, run.epochs)
     dtype = cfg.precision.dtype
     ema = None
@@ -273,7 +278,8 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         say.start(epoch, run.epochs, steps, res, skip)
         stats = train_one_epoch(net, train_loader, optimizer, schedule, scaler, autocast, loss_fn, ema,
                                 steps=steps, log_every=run.log_every, should_stop=should_stop, log=say.log,
-                                skip=skip, mean_across=lambda t: dist.mean_across(t, info))
+                                skip=skip, mean_across=lambda t: dist.mean_across(t, info), grad_clip=o.grad_clip,
+                                grad_accum=o.grad_accum, batch_transform=build_mix(o, len(classes)))
         say.close()
         skip = 0
         global_step = epoch * steps + stats.steps
