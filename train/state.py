@@ -114,6 +114,11 @@ class TrainState:
             raise CheckpointError(f"{path} holds weights only (an export or a state dict), not a training run "
                                   "to continue: start from it with --pretrained instead of --resume")
         check_compatible({"arch": ckpt.arch, "classes": ckpt.classes}, cfg.model.arch, classes, str(path))
+        saved = ckpt.config.get("optim", {}).get("optimizer", "sgd")  # its state means nothing to another one
+        if saved != cfg.optim.optimizer:
+            raise CheckpointError(f"{path} was trained with optim.optimizer={saved}, this run asks for "
+                                  f"{cfg.optim.optimizer}: resume with --set optim.optimizer={saved}, or start a "
+                                  "fresh --out")
         optimizer = self.optimizer
         configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
                       for g in optimizer.param_groups]

@@ -20,10 +20,11 @@ from train.checkpoint import CheckpointDir, CheckpointError, StopFlag, find_resu
 from train.config import Config, ConfigError, resolve
 from train.evaluate import EvalResult, evaluate, save_report
 from train.loop import NonFiniteLoss, train_one_epoch
+from train.mix import build_mix
 from train.model import build_model, build_step_parts, prepare, unwrap
 from train.monitor import MetricsLog, Progress
 from train.runlock import locked_run
-from train.schedule import LRSchedule, peak_lr, resolution_at
+from train.schedule import LRSchedule, describe_schedule, fit_schedule, peak_lr, resolution_at
 from train.state import Checkpoint, TrainState
 
 
@@ -117,9 +118,10 @@ def train(cfg: Config, stop: StopFlag | None = None) -> dict:
 
 def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     t_start = time.perf_counter()
+    say = Progress(info.is_main, info.world_size)
+    cfg, notes = fit_schedule(cfg)  # the schedule made to fit this run's length, one note per change
     run, device = cfg.run, info.device
     out = Path(run.out)
-    say = Progress(info.is_main, info.world_size)
     seed_everything(run.seed, run.deterministic)  # same seed on every rank: identical initial weights
 
     train_loader = build_loader(cfg.data, "train", info, train=True)
@@ -162,7 +164,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     parts = build_step_parts(cfg, model, device, heads)
     optimizer, scaler, autocast, loss_fn = parts.optimizer, parts.scaler, parts.autocast, parts.loss_fn
     steps = len(train_loader) if not run.max_steps_per_epoch else min(len(train_loader), run.max_steps_per_epoch)
-    global_batch = cfg.data.batch_size * info.world_size
+    global_batch = cfg.data.batch_size * info.world_size * cfg.optim.grad_accum  # images per optimizer update
     schedule = LRSchedule(optimizer, o, peak_lr(o, global_batch), steps, run.epochs)
     dtype = cfg.precision.dtype
     ema = None
@@ -200,6 +202,8 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     say.write(f"{cfg.model.arch} | {len(classes)} classes | {cfg.data.loader} loader | {info.world_size} rank(s) "
               f"on {device} | {dtype} | {steps} steps/epoch x {run.epochs} epochs | global batch {global_batch} "
               f"| peak lr {schedule.peak:.4g} | out {out}")
+    for line in [*notes, describe_schedule(cfg, steps, schedule.peak)]:
+        say.write(line)
 
     def checkpoint(epoch: int, step: int, is_best: bool = False, mid_epoch: bool = False) -> Path | None:
         """`epoch`: epochs completed (what resume counts from); the file is named after the epoch as the screen
@@ -226,7 +230,8 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         say.start(epoch, run.epochs, steps, res, skip)
         stats = train_one_epoch(net, train_loader, optimizer, schedule, scaler, autocast, loss_fn, ema,
                                 steps=steps, log_every=run.log_every, should_stop=should_stop, log=say.log,
-                                skip=skip, mean_across=lambda t: dist.mean_across(t, info))
+                                skip=skip, mean_across=lambda t: dist.mean_across(t, info), grad_clip=o.grad_clip,
+                                grad_accum=o.grad_accum, batch_transform=build_mix(o, len(classes)))
         say.close()
         skip = 0
         global_step = epoch * steps + stats.steps

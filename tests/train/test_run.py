@@ -342,3 +342,38 @@ def test_broken_weights_are_never_checkpointed(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLoss, match="weights hold NaN/inf after epoch 1"):
         train(_cfg(tmp_path, **{"run.epochs": 1}))
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+def test_the_schedule_is_fitted_to_the_run_and_printed_once(tmp_path, capsys):
+    """A warm-up longer than half the run is clamped (config.json records what ran) and the resolved schedule
+    is printed at start."""
+    train(_cfg(tmp_path, **{"run.epochs": 2, "optim.warmup_epochs": 5}))
+    out = capsys.readouterr().out
+    assert "warm-up clamped to 1 epochs" in out
+    assert out.count("schedule: warm-up 4 steps (1 epochs) to peak lr") == 1 and "train px per epoch: 32 x2" in out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["warmup_epochs"] == 1
+
+
+def test_lamb_with_accumulation_clipping_and_mixing_trains_and_resume_keeps_its_optimizer(tmp_path, capsys,
+                                                                                           monkeypatch):
+    import train.run as run_mod
+
+    seen = []
+    real_epoch = run_mod.train_one_epoch
+
+    def spy(*args, **kwargs):
+        seen.append({k: kwargs[k] for k in ("grad_clip", "grad_accum", "batch_transform")})
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "train_one_epoch", spy)
+    over = {"run.epochs": 1, "optim.optimizer": "lamb", "optim.lr": 0.004, "optim.weight_decay": 0.02,
+            "optim.grad_accum": 2, "optim.grad_clip": 1.0, "optim.mixup": 0.2, "optim.cutmix": 1.0}
+    summary = train(_cfg(tmp_path, **over))
+    assert "global batch 16" in capsys.readouterr().out  # 8 per batch x 2 accumulated
+    assert seen[0]["grad_clip"] == 1.0 and seen[0]["grad_accum"] == 2 and seen[0]["batch_transform"] is not None
+    state = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[0])
+    assert "exp_avg" in next(iter(state["optimizer"]["state"].values()))  # Lamb's state, not SGD's momentum
+    assert summary["final"] is not None
+    from train.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="trained with optim.optimizer=lamb.*--set optim.optimizer=lamb"):
+        train(_cfg(tmp_path, **{**over, "run.epochs": 2, "optim.optimizer": "sgd", "run.resume": "auto"}))
