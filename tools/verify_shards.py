@@ -27,7 +27,7 @@ import click
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.manifest import INDEX_VERSION, Manifest, ManifestError, Shard, load_manifest
+from pipeline.manifest import INDEX_VERSION, Manifest, ManifestError, Shard, load_manifest, shard_stem_pattern
 from train.cli import CONTEXT
 from tools.make_shards import _jpeg_sof
 
@@ -150,7 +150,7 @@ def verify_shards(root, *, splits=None, decode: bool = True, progress: bool = Tr
         first = 0
         with tqdm(total=split.num_samples, desc=f"verify {name}", unit="img", disable=not progress) as bar:
             for shard in split.shards:
-                if not re.fullmatch(rf"{re.escape(name)}-\d{{6}}\.tar", shard.tar.name):
+                if not re.fullmatch(rf"{shard_stem_pattern(name)}\.tar", shard.tar.name):
                     problems.append(f"{shard.tar.name}: unexpected shard name in split {name}")
                 problems += _check_shard(m, name, shard, first, layouts.get(name, ""), decode, bar)
                 first += shard.num_samples
