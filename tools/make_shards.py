@@ -77,9 +77,9 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
-from train.cli import CONTEXT
 # The shard format's names: one definition, which the loaders read (importing it loads no torch).
 from pipeline.manifest import FORMAT, INDEX_VERSION, MANIFEST_NAME, VERSION, shard_stem, shard_stem_pattern
+from train.cli import CONTEXT
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
                         ".webp", ".ppm", ".pgm", ".pbm", ".pnm"})
