@@ -14,6 +14,11 @@ Inputs (`--src` holds one folder per split; by default every split folder found 
 Labels are indices into the sorted class names (folder names plus every wnid the label file
 names), exactly as ImageFolder assigns them, so ImageNet indices match torchvision's models.
 Hidden folders (.ipynb_checkpoints, ...) are not classes; their files count as ignored.
+Symlinks: file symlinks and symlinked split or class folders are followed; directory symlinks below a
+class folder are not, nor a split/class folder symlink that points at a folder holding it (a loop) or
+at a folder another class took. What the listing could not or would not read (those symlinks, dangling
+or looping file symlinks, unreadable folders, names that are not UTF-8) is listed per split in the
+manifest's `left_out` with the reason, and printed; FIFOs, sockets and devices count as ignored.
 
 Output: see pipeline/manifest.py and the README. Per sample `<split>_<NNNNNNNN>.jpg/.cls/.lbl/.path`:
 `.cls` is the ASCII decimal label, `.lbl` the label as one little-endian int64 (8 bytes, read by
@@ -52,6 +57,7 @@ converted images wait there too, and the folder is removed when the manifest is 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -60,13 +66,14 @@ import os
 import random
 import re
 import shutil
+import stat
 import sys
 import time
 import warnings
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python tools/make_shards.py`: make `tools` and `pipeline` importable
@@ -225,12 +232,89 @@ def _encode(im: Image.Image, conv: Convert) -> bytes:
 
 # --------------------------------------------------------------------------- listing
 
-def _walk_files(folder: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        out.extend(Path(dirpath) / f for f in sorted(filenames))
-    return out
+# Symlinks. Files: followed (a tree of links to the real images is a usual way to make a subset).
+# Directories: a split or class folder may be a symlink and is followed, unless it points at a folder
+# that holds the split (a loop: `train/c0 -> ..` listed every class again under c0's label) or at a
+# folder an earlier class already took. Below a class folder no directory symlink is followed: each is
+# left out and listed, so no real folder is listed twice and no image takes another class's label.
+
+@dataclass
+class Listing:
+    """What the listing of one split found."""
+    items: list[Item] = field(default_factory=list)
+    ignored: int = 0  # non-image names, loose files beside class folders, non-regular files (FIFOs, sockets, ...)
+    left_out: list[dict] = field(default_factory=list)  # {path, reason}: paths not listed, and why
+
+    def leave(self, p: Path, src: Path, reason: str) -> None:
+        self.left_out.append({"path": _shown(p, src), "reason": reason})
+
+    def image_stat(self, p: Path, src: Path) -> os.stat_result | None:
+        """The stat of `p` if it is a regular image file to list; otherwise None, and it is counted as
+        ignored (another name, a FIFO, ...) or left out with the reason (dangling or looping symlink, ...)."""
+        if not _is_image_name(p):
+            self.ignored += 1
+            return None
+        if not _is_utf8(p.name):
+            self.leave(p, src, _NOT_UTF8)
+            return None
+        try:
+            st = p.stat()
+        except OSError as e:
+            self.leave(p, src, _os_reason(e))
+            return None
+        if not stat.S_ISREG(st.st_mode):  # reading a FIFO would block for ever
+            self.ignored += 1
+            return None
+        return st
+
+    def walk(self, folder: Path, src: Path) -> list[tuple[Path, os.stat_result]]:
+        """(path, stat) of the image files under `folder` in os.walk's order: a folder's files sorted by
+        name, then its subfolders, sorted. Directory symlinks below `folder` are left out, not followed."""
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            self.leave(folder, src, f"unreadable folder: {e.strerror}")
+            return []
+        files, subdirs = [], []
+        for e in entries:
+            p = Path(e.path)
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(p)
+            elif e.is_symlink() and p.is_dir():
+                self.leave(p, src, "directory symlink: not followed below a class folder")
+            elif (st := self.image_stat(p, src)) is not None:
+                files.append((p, st))
+        for d in subdirs:
+            if _is_utf8(d.name):
+                files += self.walk(d, src)
+            else:
+                self.leave(d, src, _NOT_UTF8)
+        return files
+
+
+_NOT_UTF8 = "name is not valid UTF-8: rename it (e.g. `convmv -f latin1 -t utf8 --notest`)"
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # os.fsdecode turned its undecodable bytes into lone surrogates
+        return False
+    return True
+
+
+def _shown(p: Path, src: Path) -> str:
+    """`p` relative to --src, '/'-separated, for the manifest and messages; bytes of a non-UTF-8 name as \\xNN."""
+    return p.relative_to(src).as_posix().encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _os_reason(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "symlink loop"
+    if e.errno == errno.ENOENT:
+        return "dangling symlink (its target does not exist)"
+    return f"unreadable: {e.strerror}"
 
 
 def _is_image_name(p: Path) -> bool:
@@ -271,10 +355,35 @@ def _image_id(p: Path) -> str:
     return p.name.split(".")[0]
 
 
+def _class_folders(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(class folders of a split, sorted; folders that cannot be classes, with the reason). Hidden ones
+    (.ipynb_checkpoints, ...) are not classes: ImageFolder would make them one and then fail on it; their
+    files are counted as ignored. See the note on symlinks above Listing."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as e:
+        raise ShardError(f"{folder}: cannot list the split folder ({e.strerror}); make it readable, or leave "
+                         "it out by naming the splits to make with --split") from None
+    classes, refused, taken, real_split = [], [], {}, folder.resolve()
+    for p in entries:
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        real = p.resolve()
+        if not _is_utf8(p.name):
+            refused.append((p, f"folder {_NOT_UTF8}"))
+        elif real == real_split or real in real_split.parents:
+            refused.append((p, f"directory symlink loop: points at {real}, which holds this split"))
+        elif real in taken:
+            refused.append((p, f"the same folder as {taken[real].name}/ (a symlink): its files are listed "
+                               f"once, under {taken[real].name}"))
+        else:
+            taken[real] = p
+            classes.append(p)
+    return classes, refused
+
+
 def _class_dirs(folder: Path) -> list[Path]:
-    """Class folders of a split, sorted. Hidden ones (.ipynb_checkpoints, ...) are not classes:
-    ImageFolder would make them one and then fail on it; their files are counted as ignored."""
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return _class_folders(folder)[0]
 
 
 def _split_layout(folder: Path) -> str:
@@ -282,43 +391,58 @@ def _split_layout(folder: Path) -> str:
 
 
 def list_split(src: Path, split: str, class_index: dict[str, int],
-               flat_labels: dict[str, str] | None) -> tuple[list[Item], int]:
-    """(image items in sorted order, number of ignored non-image files)."""
+               flat_labels: dict[str, str] | None) -> Listing:
+    """The image items of a split in sorted order, with what was ignored and left out."""
     folder = src / split
-    items, ignored = [], 0
+    listing = Listing()
 
-    def add(p: Path, label: int):
-        st = p.stat()
-        items.append(Item(p.relative_to(src).as_posix(), label, st.st_size, st.st_mtime_ns))
+    def add(p: Path, label: int, st: os.stat_result):
+        listing.items.append(Item(p.relative_to(src).as_posix(), label, st.st_size, st.st_mtime_ns))
 
     if _split_layout(folder) == "flat":
         if flat_labels is None:
             raise ShardError(f"{folder} has no class folders (the ILSVRC2012 flat val layout): pass "
                              "--val-labels LOC_val_solution.csv, or the devkit ground truth with --meta")
         for p in sorted(folder.iterdir()):
-            if p.is_file() and _is_image_name(p):
+            if not p.is_dir() and (st := listing.image_stat(p, src)) is not None:
                 wnid = flat_labels.get(_image_id(p))
-                add(p, class_index[wnid] if wnid is not None else -1)
-            elif p.is_file():
-                ignored += 1
-        return items, ignored
-    classes = _class_dirs(folder)
+                add(p, class_index[wnid] if wnid is not None else -1, st)
+        return listing
+    classes, refused = _class_folders(folder)
+    for p, why in refused:
+        listing.leave(p, src, why)
+    refused = {p for p, _ in refused}
     for p in sorted(folder.iterdir()):
-        if p not in classes:  # loose files beside class folders (ImageFolder ignores them too)
-            ignored += len(_walk_files(p)) if p.is_dir() else 1
+        if p in classes:
+            for f, st in listing.walk(p, src):
+                add(f, class_index[p.name], st)
+        elif p in refused:
             continue
-        for f in _walk_files(p):
-            if _is_image_name(f):
-                add(f, class_index[p.name])
-            else:
-                ignored += 1
-    return items, ignored
+        elif p.is_dir() and p.is_symlink():
+            listing.leave(p, src, "directory symlink: not followed (a hidden folder, not a class)")
+        elif p.is_dir():  # a hidden folder: its files are ignored, as ImageFolder does
+            listing.ignored += len(listing.walk(p, src))
+        elif listing.image_stat(p, src) is not None:  # a loose image beside class folders (ImageFolder ignores it)
+            listing.ignored += 1
+    return listing
 
 
 def find_splits(src: Path, splits, out: Path | None = None) -> list[str]:
     """The split folders to make, sorted (the order they are named in does not change the output).
     `out` is never a split, also when it lies inside `src`."""
-    found = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith(".") and p != out)
+    found, loops = [], {}
+    for p in sorted(src.iterdir()):
+        if p.is_dir() and not p.name.startswith(".") and p != out:
+            real = p.resolve()
+            if real == src.resolve() or real in src.resolve().parents:
+                loops[p.name] = f"{p} is a directory symlink loop (it points at {real}, which holds --src)"
+            else:
+                found.append(p.name)
+    for s in splits or ():
+        if s in loops:
+            raise ShardError(f"{loops[s]}: it cannot be a split")
+    for why in loops.values():
+        click.echo(f"leaving out {why}", err=True)
     if not splits:
         splits = found
     for s in splits:
@@ -337,11 +461,20 @@ def _cache_file(out: Path, split: str, i: int) -> Path:
     return out / CACHE_NAME / split / f"{i:08d}.jpg"
 
 
+def _read_regular(path) -> bytes:
+    """The bytes of a regular file; a FIFO or device found at `path` raises BadImage instead of blocking."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # no effect on a regular file
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadImage("not a regular file")
+        return f.read()
+
+
 def _check_task(args) -> tuple[int, Checked]:
     """Worker: validate one file; converted bytes go to the cache (not back through the pipe)."""
     i, path, cache, conv = args
     try:
-        data = Path(path).read_bytes()
+        data = _read_regular(path)
         new, reason = check_image(data, conv)
     except BadImage as e:
         return i, Checked(skipped=str(e))
@@ -362,14 +495,17 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _sample_bytes(src: Path, out: Path, split: str, i: int, rel: str, chk: Checked, conv: Convert) -> bytes:
     """Final JPEG bytes of a sample: the source file, or the cached (or redone) conversion."""
-    if chk.converted is None:
-        data = (src / rel).read_bytes()
-    else:
-        cache = _cache_file(out, split, i)
-        try:
-            data = cache.read_bytes()
-        except FileNotFoundError:  # cache lost (e.g. resumed after a crash): conversion is deterministic
-            data = check_image((src / rel).read_bytes(), conv)[0] or b""
+    try:
+        if chk.converted is None:
+            data = _read_regular(src / rel)
+        else:
+            cache = _cache_file(out, split, i)
+            try:
+                data = cache.read_bytes()
+            except FileNotFoundError:  # cache lost (e.g. resumed after a crash): conversion is deterministic
+                data = check_image(_read_regular(src / rel), conv)[0] or b""
+    except (BadImage, OSError) as e:
+        raise ShardError(f"{src / rel} changed while shards were being made ({e}); re-run with --overwrite") from None
     if len(data) != chk.size or zlib.crc32(data) != chk.crc:
         raise ShardError(f"{src / rel} changed while shards were being made; re-run with --overwrite")
     return data
@@ -610,9 +746,10 @@ def _imap(pool, fn, tasks, chunksize=1):
     return pool.map(fn, tasks, chunksize=chunksize)
 
 
-def _make_split(src: Path, out: Path, split: str, items: list[Item], ignored: int, fingerprint: str,
+def _make_split(src: Path, out: Path, split: str, listing: Listing, fingerprint: str,
                 settings: dict, conv: Convert, done: dict, pool, workers: int, progress: bool,
                 fail_after: list) -> dict:
+    items = listing.items
     results = _load_plan(out, split, fingerprint)
     if results is None:  # check every file; results land by index, so worker order does not matter
         results = [None] * len(items)
@@ -657,7 +794,8 @@ def _make_split(src: Path, out: Path, split: str, items: list[Item], ignored: in
         "inputs": len(items),
         "shards": [records[shard_stem(split, n)] for n in range(len(shards))],
         "skipped": [{"path": items[i].rel, "reason": c.skipped} for i, c in enumerate(results) if c.skipped],
-        "ignored": ignored,
+        "ignored": listing.ignored,
+        "left_out": listing.left_out,
         "converted": sum(c.converted is not None for c in results if c.skipped is None),
     }
 
@@ -718,7 +856,7 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
             source["meta"] = {"file": Path(meta).name, "sha256": _file_sha(meta)}
     listed = {s: list_split(src, s, class_index, flat_labels if layouts[s] == "flat" else None) for s in splits}
     # What the shards are made of: a resume or re-run over changed files must not keep shards of the old ones.
-    fingerprints = {s: _listing_fingerprint(items) for s, (items, _) in listed.items()}
+    fingerprints = {s: _listing_fingerprint(listing.items) for s, listing in listed.items()}
     source["listing"] = {s: f[:16] for s, f in fingerprints.items()}
     settings = {"seed": seed, "shard_bytes": shard_bytes, "shard_samples": shard_samples,
                 "min_shards": MIN_SHARDS if shard_samples is None else None,
@@ -743,8 +881,7 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
     try:
         split_info = {}
         for s in splits:
-            items, ignored = listed[s]
-            split_info[s] = _make_split(src, out, s, items, ignored, fingerprints[s], settings, conv, done, pool,
+            split_info[s] = _make_split(src, out, s, listed[s], fingerprints[s], settings, conv, done, pool,
                                         workers, progress, fail_after)
     except BrokenProcessPool as e:
         raise ShardError(f"a worker process died ({e}; out of memory?); finished shards are kept: "
@@ -771,6 +908,13 @@ def summary(manifest: dict) -> str:
             lines.append(f"  skipped {sk['path']}: {sk['reason']}")
         if len(s["skipped"]) > 10:
             lines.append(f"  ... {len(s['skipped']) - 10} more skipped (see manifest.json)")
+        left_out = s.get("left_out", [])
+        if left_out:
+            lines.append(f"  {len(left_out)} paths left out of the listing:")
+        for lo in left_out[:10]:
+            lines.append(f"  left out {lo['path']}: {lo['reason']}")
+        if len(left_out) > 10:
+            lines.append(f"  ... {len(left_out) - 10} more left out (see manifest.json)")
     lines.append(f"{len(manifest['classes'])} classes")
     return "\n".join(lines)
 

@@ -299,6 +299,80 @@ def test_max_side_and_quality_reencode_everything(synthetic_root, tmp_path):
         assert max(im.size) == 128 and ms._jpeg_sof(s["jpg"]) == 0xC0
 
 
+# ---------------------------------------------------------------- symlinks, FIFOs, odd names, permissions
+
+def _jpegs(synthetic_root: Path, n: int) -> list[bytes]:
+    return [f.read_bytes() for f in sorted((synthetic_root / "train").rglob("*.JPEG"))[:n]]
+
+
+def _labels_match_folders(out: Path) -> None:
+    from tools.verify_shards import verify_shards
+
+    m = pm.load_manifest(out)
+    for name in m.splits:
+        for s in _all_samples(out, name):
+            assert m.classes[int(s["cls"])] == s["path"].decode().split("/")[1], s["path"]
+    assert verify_shards(out, progress=False) == []
+
+
+def test_directory_symlink_loops_are_not_followed(synthetic_root, tmp_path):
+    """`train/c0/uplink -> ..` once turned 6 images into 246 samples, 120 of them with another class's label."""
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    imgs = _jpegs(synthetic_root, 8)
+    write_tree(src, {f"train/c{i % 2}/{i}.JPEG": d for i, d in enumerate(imgs[:6])})
+    write_tree(elsewhere, {"x/6.JPEG": imgs[6], "x/7.JPEG": imgs[7]})
+    (src / "train" / "c0" / "uplink").symlink_to("..")             # below a class: never followed
+    (src / "train" / "c1" / "sub").mkdir()
+    (src / "train" / "c1" / "sub" / "self").symlink_to(".")
+    (src / "train" / "loop").symlink_to(".")                       # a "class" holding the split
+    (src / "train" / "c2").symlink_to(src / "train" / "c1")        # a second name for c1
+    (src / "train" / "c3").symlink_to(elsewhere / "x")             # a linked class folder: followed
+    (src / "again").symlink_to(".")                                # a "split" holding --src
+    m = make_shards(src, tmp_path / "out", progress=False)
+    assert list(m["splits"]) == ["train"] and m["classes"] == ["c0", "c1", "c3"]
+    train = m["splits"]["train"]
+    assert (train["inputs"], train["num_samples"]) == (8, 8)
+    reasons = {lo["path"]: lo["reason"] for lo in train["left_out"]}
+    assert reasons.keys() == {"train/c0/uplink", "train/c1/sub/self", "train/loop", "train/c2"}
+    assert "not followed" in reasons["train/c0/uplink"] and "loop" in reasons["train/loop"]
+    assert reasons["train/c2"].startswith("the same folder as c1/")
+    _labels_match_folders(tmp_path / "out")
+    assert "left out train/c0/uplink: directory symlink" in ms.summary(m)
+    with pytest.raises(ShardError, match="again is a directory symlink loop"):
+        make_shards(src, tmp_path / "out2", splits=["again"], progress=False)
+
+
+def test_fifos_broken_symlinks_and_odd_names_do_not_stop_the_run(synthetic_root, tmp_path):
+    """A FIFO named pipe.jpg hung the run for ever; a file symlink loop, a dangling symlink and a non-UTF-8
+    name each ended it with a traceback. Run as a subprocess so that a hang fails instead of blocking."""
+    src = tmp_path / "src"
+    a, b, c = _jpegs(synthetic_root, 3)
+    write_tree(src, {"train/c0/a.JPEG": a, "train/c1/b.JPEG": b, "train/c1/café and space.JPEG": c})
+    c0 = src / "train" / "c0"
+    os.mkfifo(c0 / "pipe.jpg")
+    (c0 / "dangling.jpg").symlink_to(c0 / "gone.jpg")
+    (c0 / "loop.jpg").symlink_to("loop.jpg")
+    (c0 / "b.JPEG").symlink_to(src / "train" / "c1" / "b.JPEG")  # a file symlink: followed
+    with open(os.fsencode(c0) + b"/caf\xe9.jpg", "wb") as f:  # Latin-1 name, not UTF-8
+        f.write(a)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "tools.make_shards", "--src", str(src), "--out", str(out),
+                        "--workers", "2", "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    train = manifest(out)["splits"]["train"]
+    assert (train["inputs"], train["num_samples"], train["skipped"], train["ignored"]) == (4, 4, [], 1)  # the FIFO
+    assert {lo["path"]: lo["reason"] for lo in train["left_out"]} == {
+        "train/c0/dangling.jpg": "dangling symlink (its target does not exist)",
+        "train/c0/loop.jpg": "symlink loop",
+        "train/c0/caf\\xe9.jpg": ms._NOT_UTF8}
+    assert "left out train/c0/caf\\xe9.jpg: name is not valid UTF-8" in r.stdout
+    _labels_match_folders(out)
+    # A FIFO put where a listed file was is refused when read, not waited on.
+    assert ms._check_task((0, str(c0 / "pipe.jpg"), str(tmp_path / "c.jpg"), ms.Convert()))[1].skipped == \
+        "not a regular file"
+
+
 # ---------------------------------------------------------------- real ImageNet files and layouts
 
 def test_real_imagenet_sample_two_workers(imagenet_sample, tmp_path):
