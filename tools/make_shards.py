@@ -36,7 +36,9 @@ it checks e.g. PNG chunk CRCs; for JPEG it does nothing). What is kept, converte
   drop EXIF), matching torchvision's ImageFolder, which ignores it. DALI's decoders rotate by
   EXIF unless `adjust_orientation=False`: 1 of the 400 imagenet-sample files carries a tag;
 - empty, truncated or undecodable files are skipped and listed in the manifest with the reason;
-- files without an image extension (.txt, .xml, .mat, hidden files, ...) are ignored and counted.
+- files without an image extension (.txt, .xml, .mat, hidden files, ...) are ignored and counted;
+- unreadable files are skipped and listed like undecodable ones; a class folder that gives no sample
+  (unreadable, empty, every file skipped) is an error unless --allow-empty-classes (then a warning).
 
 Shards are cut at --shard-bytes (default 1 GB, ImageNet: ~140 train shards) or --shard-samples.
 Without --shard-samples, small splits are still cut into at least MIN_SHARDS (8) shards of at least
@@ -71,6 +73,7 @@ import sys
 import time
 import warnings
 import zlib
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -479,7 +482,7 @@ def _check_task(args) -> tuple[int, Checked]:
     except BadImage as e:
         return i, Checked(skipped=str(e))
     except OSError as e:
-        return i, Checked(skipped=f"unreadable: {e}")
+        return i, Checked(skipped=_os_reason(e))
     if new is None:
         return i, Checked(size=len(data), crc=zlib.crc32(data))
     _atomic_write(Path(cache), new)
@@ -746,9 +749,36 @@ def _imap(pool, fn, tasks, chunksize=1):
     return pool.map(fn, tasks, chunksize=chunksize)
 
 
+def _empty_classes(src: Path, split: str, labels, class_index: dict[str, int], why: list[dict],
+                   among: set[int] | None = None) -> list[str]:
+    """The class folders of a split (with a label in `among`, if given) that none of `labels` falls in, each
+    with the first reason in `why` ({path, reason}: what was left out or skipped) given for a path in it."""
+    counts, empty = Counter(labels), []
+    for d in _class_dirs(src / split):
+        if counts[class_index[d.name]] == 0 and (among is None or class_index[d.name] in among):
+            rel = f"{split}/{d.name}"
+            reason = next((w["reason"] for w in why if w["path"] == rel or w["path"].startswith(rel + "/")), None)
+            empty.append(f"{rel}/" + (f" ({reason})" if reason else ""))
+    return empty
+
+
+def _refuse_empty_classes(empty: list[str], what: str, allow: bool) -> None:
+    """A class folder that gives no sample is an error, unless allowed (then a warning): it is almost always
+    an unreadable folder or a failed copy, and the class would stay in the class list, never seen in training."""
+    if not empty:
+        return
+    named = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+    if allow:
+        click.echo(f"warning: {len(empty)} class folder(s) {what}: {named}; kept as classes without samples "
+                   "(--allow-empty-classes)", err=True)
+        return
+    raise ShardError(f"{len(empty)} class folder(s) {what}: {named}. Make the images readable (or remove the "
+                     "folder), or pass --allow-empty-classes to keep each as a class without samples")
+
+
 def _make_split(src: Path, out: Path, split: str, listing: Listing, fingerprint: str,
                 settings: dict, conv: Convert, done: dict, pool, workers: int, progress: bool,
-                fail_after: list) -> dict:
+                fail_after: list, class_index: dict[str, int], allow_empty_classes: bool) -> dict:
     items = listing.items
     results = _load_plan(out, split, fingerprint)
     if results is None:  # check every file; results land by index, so worker order does not matter
@@ -765,6 +795,12 @@ def _make_split(src: Path, out: Path, split: str, listing: Listing, fingerprint:
         _save_plan(out, split, fingerprint, results)
 
     good = [i for i, c in enumerate(results) if c.skipped is None]
+    if settings["source"]["layout"][split] == "class-folders":
+        skipped = [{"path": items[i].rel, "reason": c.skipped} for i, c in enumerate(results) if c.skipped]
+        listed = {it.label for it in items}  # (the folders without any file were reported by the listing)
+        _refuse_empty_classes(_empty_classes(src, split, (items[i].label for i in good), class_index, skipped,
+                                             listed), "have no usable image (every file was skipped)",
+                              allow_empty_classes)
     random.Random(f"imt-shards/{settings['seed']}/{split}").shuffle(good)
     sizes = [_sample_tar_size(results[i].size, items[i].label, items[i].rel) for i in good]
     cap = settings["shard_samples"] or default_shard_samples(len(good))
@@ -819,8 +855,10 @@ def _file_sha(path: Path) -> str:
 
 def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shard_samples: int | None = None,
                 workers: int = 1, seed: int = 0, max_side: int | None = None, quality: int | None = None,
-                overwrite: bool = False, progress: bool = True, val_labels=None, meta=None) -> dict:
-    """Make (or finish) the shards of `src` in `out`; returns the manifest dict (also written)."""
+                overwrite: bool = False, progress: bool = True, val_labels=None, meta=None,
+                allow_empty_classes: bool = False) -> dict:
+    """Make (or finish) the shards of `src` in `out`; returns the manifest dict (also written).
+    A class folder that gives no sample is a ShardError unless allow_empty_classes (then a warning)."""
     src, out = Path(src).resolve(), Path(out).resolve()
     if not src.is_dir():
         raise ShardError(f"--src {src} is not a folder")
@@ -855,6 +893,10 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
         if meta:
             source["meta"] = {"file": Path(meta).name, "sha256": _file_sha(meta)}
     listed = {s: list_split(src, s, class_index, flat_labels if layouts[s] == "flat" else None) for s in splits}
+    for s, listing in listed.items():  # before any output: an unreadable class folder is found in seconds
+        if layouts[s] == "class-folders":
+            _refuse_empty_classes(_empty_classes(src, s, (it.label for it in listing.items), class_index,
+                                                 listing.left_out), "hold no image files", allow_empty_classes)
     # What the shards are made of: a resume or re-run over changed files must not keep shards of the old ones.
     fingerprints = {s: _listing_fingerprint(listing.items) for s, listing in listed.items()}
     source["listing"] = {s: f[:16] for s, f in fingerprints.items()}
@@ -882,7 +924,7 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
         split_info = {}
         for s in splits:
             split_info[s] = _make_split(src, out, s, listed[s], fingerprints[s], settings, conv, done, pool,
-                                        workers, progress, fail_after)
+                                        workers, progress, fail_after, class_index, allow_empty_classes)
     except BrokenProcessPool as e:
         raise ShardError(f"a worker process died ({e}; out of memory?); finished shards are kept: "
                          "re-run the same command to resume, perhaps with fewer --workers") from e
@@ -941,16 +983,19 @@ def summary(manifest: dict) -> str:
 @click.option("--meta", default=None, type=click.Path(exists=True, dir_okay=False),
               help="The devkit's data/meta.mat (ILSVRC2012_ID -> wnid).")
 @click.option("--overwrite", is_flag=True, help="Delete shards of another run in --out and start again.")
+@click.option("--allow-empty-classes", is_flag=True,
+              help="Keep a class folder that gives no sample (unreadable, empty, every file skipped) as a class "
+                   "without samples, with a warning [default: refuse]")
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
 def main(src, out, splits, workers, seed, shard_bytes, shard_samples, max_side, quality, val_labels, meta,
-         overwrite, progress):
+         overwrite, allow_empty_classes, progress):
     """Make shuffled WebDataset shards + DALI indexes + manifest.json from an ImageNet-style tree."""
     t0 = time.perf_counter()
     try:
         manifest = make_shards(src, out, splits=splits or None, shard_bytes=shard_bytes,
                                shard_samples=shard_samples, workers=workers, seed=seed, max_side=max_side,
                                quality=quality, overwrite=overwrite, progress=progress,
-                               val_labels=val_labels, meta=meta)
+                               val_labels=val_labels, meta=meta, allow_empty_classes=allow_empty_classes)
     except ShardError as e:
         raise click.ClickException(str(e)) from None
     dt = time.perf_counter() - t0

@@ -373,6 +373,67 @@ def test_fifos_broken_symlinks_and_odd_names_do_not_stop_the_run(synthetic_root,
         "not a regular file"
 
 
+def _class_tree(src: Path, synthetic_root: Path) -> None:
+    a, b, c = _jpegs(synthetic_root, 3)
+    write_tree(src, {"train/c0/a.JPEG": a, "train/c1/b.JPEG": b, "train/c1/c.JPEG": c, "train/c2/x.JPEG": a,
+                     "train/empty/notes.txt": b"no images here", "train/broken/bad.JPEG": b"not a jpeg"})
+
+
+def _deny(monkeypatch, *paths: Path) -> None:
+    """Reads of `paths` fail with EACCES, as under mode 000 without root's override (these tests run as root
+    too, where chmod would not stop a read)."""
+    denied = {str(p) for p in paths}
+    scandir, open_ = os.scandir, os.open
+
+    def deny(path):
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path) in denied:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+
+    monkeypatch.setattr(os, "scandir", lambda path=".": deny(path) or scandir(path))
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: deny(path) or open_(path, *a, **k))
+
+
+def test_unreadable_or_empty_class_folders_are_refused_or_listed(synthetic_root, tmp_path, monkeypatch, capsys):
+    """An unreadable class folder was dropped silently (exit 0, a class with 0 samples)."""
+    src = tmp_path / "src"
+    _class_tree(src, synthetic_root)
+    _deny(monkeypatch, src / "train" / "c0", src / "train" / "c1" / "c.JPEG")
+    with pytest.raises(ShardError, match=r"2 class folder\(s\) hold no image files: train/c0/ \(unreadable folder: "
+                                         r"Permission denied\), train/empty/\. .*--allow-empty-classes"):
+        make_shards(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()  # refused before any output
+    (src / "train" / "empty").rename(src / ".empty")  # hidden: not a class
+    with pytest.raises(ShardError, match=r"1 class folder\(s\) hold no image files: train/c0/ \(unreadable"):
+        make_shards(src, tmp_path / "out", progress=False)
+    m = make_shards(src, tmp_path / "out", allow_empty_classes=True, progress=False)
+    assert "warning: 1 class folder(s) hold no image files: train/c0/" in capsys.readouterr().err
+    train = m["splits"]["train"]
+    assert m["classes"] == ["broken", "c0", "c1", "c2"]
+    assert train["left_out"] == [{"path": "train/c0", "reason": "unreadable folder: Permission denied"}]
+    assert {sk["path"]: sk["reason"] for sk in train["skipped"]} == {
+        "train/c1/c.JPEG": "unreadable: Permission denied", "train/broken/bad.JPEG": "not a recognised image format"}
+    # A class folder whose every file is skipped is refused after the check; allowed, the run resumes.
+    monkeypatch.undo()
+    with pytest.raises(ShardError, match=r"1 class folder\(s\) have no usable image \(every file was skipped\): "
+                                         r"train/broken/ \(not a recognised image format\)"):
+        make_shards(src, tmp_path / "out2", progress=False)
+    m = make_shards(src, tmp_path / "out2", allow_empty_classes=True, progress=False)
+    assert m["splits"]["train"]["num_samples"] == 4 and m["classes"] == ["broken", "c0", "c1", "c2"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads mode-000 folders; the test above simulates EACCES")
+def test_mode_000_class_folder_is_refused(synthetic_root, tmp_path):
+    src = tmp_path / "src"
+    _class_tree(src, synthetic_root)
+    shutil.rmtree(src / "train" / "empty")
+    (src / "train" / "c0").chmod(0)
+    try:
+        with pytest.raises(ShardError, match=r"train/c0/ \(unreadable folder: Permission denied\)"):
+            make_shards(src, tmp_path / "out", progress=False)
+    finally:
+        (src / "train" / "c0").chmod(0o755)
+
+
 # ---------------------------------------------------------------- real ImageNet files and layouts
 
 def test_real_imagenet_sample_two_workers(imagenet_sample, tmp_path):
