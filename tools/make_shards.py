@@ -89,6 +89,7 @@ from tqdm import tqdm
 
 # The shard format's names: one definition, which the loaders read (importing it loads no torch).
 from pipeline.manifest import FORMAT, INDEX_VERSION, MANIFEST_NAME, VERSION, shard_stem, shard_stem_pattern
+from pipeline.orphans import exit_with_parent
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
                         ".webp", ".ppm", ".pgm", ".pbm", ".pnm"})
@@ -776,6 +777,16 @@ def _refuse_empty_classes(empty: list[str], what: str, allow: bool) -> None:
                      "folder), or pass --allow-empty-classes to keep each as a class without samples")
 
 
+def _pool(workers: int) -> ProcessPoolExecutor | None:
+    """The worker processes (None: work in this process). Spawned, not forked: the caller may hold threads
+    (torch, DALI) that a forked child would inherit locked. They die with this process, also on kill -9,
+    which left them running before (and the resource tracker with them: it ends once they are gone)."""
+    if workers <= 1:
+        return None
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=exit_with_parent,
+                               initargs=(os.getpid(),))
+
+
 def _make_split(src: Path, out: Path, split: str, listing: Listing, fingerprint: str,
                 settings: dict, conv: Convert, done: dict, pool, workers: int, progress: bool,
                 fail_after: list, class_index: dict[str, int], allow_empty_classes: bool) -> dict:
@@ -917,8 +928,7 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
 
     conv = Convert(max_side=max_side, quality=quality)
     fail_after = [int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)]
-    # spawn, not fork: the caller may hold threads (torch, DALI) that a forked child would inherit locked
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
+    pool = _pool(workers)
     load_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # must raise
     try:
         split_info = {}

@@ -4,8 +4,10 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pipeline.manifest as pm
 from tools import make_shards as ms
 from tools.make_shards import ShardError, SimulatedInterrupt, make_shards
 
+from .._procs import HAS_PROC, children as _children, running as _running
 from ._shards import dali_read, files_of, link_tree, manifest, odd_files, read_tar, write_tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -566,7 +569,7 @@ def test_format_names_come_from_pipeline_manifest_without_torch():
     """One definition of the format's names; importing it must not load torch (2.3 s in every worker)."""
     assert (ms.FORMAT, ms.VERSION, ms.MANIFEST_NAME, ms.shard_stem) == (
         pm.FORMAT, pm.VERSION, pm.MANIFEST_NAME, pm.shard_stem)
-    code = "import sys, tools.make_shards; assert 'torch' not in sys.modules, 'torch loaded'"
+    code = "import sys, tools.make_shards, pipeline.orphans; assert 'torch' not in sys.modules, 'torch loaded'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
@@ -575,6 +578,35 @@ def test_bad_arguments_say_what_to_do(synthetic_root, tmp_path):
         make_shards(synthetic_root, tmp_path, splits=["test"], progress=False)
     with pytest.raises(ShardError, match="quality"):
         make_shards(synthetic_root, tmp_path, quality=0, progress=False)
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="reads processes from /proc (Linux)")
+def test_workers_and_resource_tracker_end_when_the_main_process_is_killed(tmp_path):
+    """kill -9 of make_shards left its workers and the resource tracker running (9 of 9 trials)."""
+    code = ("import os, sys, time\nfrom tools import make_shards as ms\npool = ms._pool(2)\n"
+            "busy = [pool.submit(time.sleep, 300) for _ in range(2)]\n"
+            "while len(pool._processes) < 2: time.sleep(0.05)\nprint('ready', flush=True)\ntime.sleep(300)\n")
+    main = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    kids: set[int] = set()
+    try:
+        assert main.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 30
+        while len(kids := _children(main.pid)) < 3 and time.monotonic() < deadline:  # 2 workers + the tracker
+            time.sleep(0.1)
+        assert len(kids) == 3, kids
+        time.sleep(1.0)  # let the workers reach their task
+        main.kill()
+        main.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_running, kids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [k for k in kids if _running(k)], "processes outlived the killed main process"
+    finally:
+        main.kill()
+        for k in kids:
+            if _running(k):
+                os.kill(k, signal.SIGKILL)
 
 
 def test_cli_module_and_entry_point(synthetic_root, tmp_path):
