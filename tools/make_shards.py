@@ -391,7 +391,10 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 def _split_layout(folder: Path) -> str:
-    return "class-folders" if _class_dirs(folder) else "flat"
+    """"class-folders", "flat" (image files, no class folders: ILSVRC2012's val/) or "empty" (neither)."""
+    if _class_dirs(folder):
+        return "class-folders"
+    return "flat" if any(_is_image_name(p) and not p.is_dir() for p in folder.iterdir()) else "empty"
 
 
 def list_split(src: Path, split: str, class_index: dict[str, int],
@@ -806,6 +809,9 @@ def _make_split(src: Path, out: Path, split: str, listing: Listing, fingerprint:
         _save_plan(out, split, fingerprint, results)
 
     good = [i for i, c in enumerate(results) if c.skipped is None]
+    if not good:
+        raise ShardError(f"every one of the {len(items)} files of split {split!r} was skipped (e.g. {items[0].rel}: "
+                         f"{results[0].skipped}): a split of 0 samples cannot be trained or evaluated on")
     if settings["source"]["layout"][split] == "class-folders":
         skipped = [{"path": items[i].rel, "reason": c.skipped} for i, c in enumerate(results) if c.skipped]
         listed = {it.label for it in items}  # (the folders without any file were reported by the listing)
@@ -877,6 +883,15 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
     explicit = bool(splits)
     splits = find_splits(src, splits, out)
     layouts = {s: _split_layout(src / s) for s in splits}
+    for s in [s for s in splits if layouts[s] == "empty"]:
+        why = f"{src / s} holds no image files and no class folders"
+        if explicit:
+            raise ShardError(f"{why}: put <class>/<image> folders in it, or leave it out of --split")
+        click.echo(f"leaving out split {s!r}: {why}", err=True)
+        splits.remove(s)
+        del layouts[s]
+    if not splits:
+        raise ShardError(f"{src} holds no images: expected e.g. {src}/train/<class>/*.JPEG")
     flat = [s for s in splits if layouts[s] == "flat"]
     if flat and not val_labels:
         raise ShardError(f"{src / flat[0]} has no class folders (the ILSVRC2012 flat val layout): pass "
@@ -905,6 +920,11 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
             source["meta"] = {"file": Path(meta).name, "sha256": _file_sha(meta)}
     listed = {s: list_split(src, s, class_index, flat_labels if layouts[s] == "flat" else None) for s in splits}
     for s, listing in listed.items():  # before any output: an unreadable class folder is found in seconds
+        if not listing.items:
+            lo = listing.left_out
+            why = f" ({len(lo)} paths left out, e.g. {lo[0]['path']}: {lo[0]['reason']})" if lo else ""
+            raise ShardError(f"split {s!r} has no image file that can be read{why}: fix that, or leave the split "
+                             "out by naming the splits to make with --split")
         if layouts[s] == "class-folders":
             _refuse_empty_classes(_empty_classes(src, s, (it.label for it in listing.items), class_index,
                                                  listing.left_out), "hold no image files", allow_empty_classes)

@@ -437,6 +437,34 @@ def test_mode_000_class_folder_is_refused(synthetic_root, tmp_path):
         (src / "train" / "c0").chmod(0o755)
 
 
+def test_empty_splits_and_datasets_of_no_images_are_errors(synthetic_root, tmp_path, capsys):
+    """An empty split folder was told it had "the ILSVRC2012 flat val layout"; 0 images exited 0."""
+    from click.testing import CliRunner
+
+    src = tmp_path / "src"
+    (src / "val").mkdir(parents=True)
+    r = CliRunner().invoke(ms.main, ["--src", str(src), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert r.exit_code == 1 and "holds no images" in r.output and "ILSVRC2012" not in r.output, r.output
+    with pytest.raises(ShardError, match=r"val holds no image files and no class folders: put <class>/<image>"):
+        make_shards(src, tmp_path / "o", splits=["val"], progress=False)
+    write_tree(src, {"train/c0/a.JPEG": _jpegs(synthetic_root, 1)[0]})
+    m = make_shards(src, tmp_path / "o", progress=False)  # the empty split found by default is left out
+    assert "leaving out split 'val': " in capsys.readouterr().err
+    assert list(m["splits"]) == ["train"] and m["splits"]["train"]["num_samples"] == 1
+
+    write_tree(src, {"test/c0/notes.txt": b"", "bad/c0/bad.JPEG": b"not a jpeg"})
+    (src / "dangling" / "c0").mkdir(parents=True)
+    (src / "dangling" / "c0" / "x.JPEG").symlink_to(src / "gone.JPEG")
+    with pytest.raises(ShardError, match=r"split 'test' has no image file that can be read: fix"):
+        make_shards(src, tmp_path / "o2", splits=["test"], allow_empty_classes=True, progress=False)
+    with pytest.raises(ShardError, match=r"split 'dangling' has no image file that can be read \(1 paths left out, "
+                                         r"e.g. dangling/c0/x.JPEG: dangling symlink"):
+        make_shards(src, tmp_path / "o2", splits=["dangling"], progress=False)
+    with pytest.raises(ShardError, match=r"every one of the 1 files of split 'bad' was skipped \(e.g. bad/c0/bad.JPEG: "
+                                         r"not a recognised image format\)"):
+        make_shards(src, tmp_path / "o2", splits=["bad"], allow_empty_classes=True, progress=False)
+
+
 # ---------------------------------------------------------------- real ImageNet files and layouts
 
 def test_real_imagenet_sample_two_workers(imagenet_sample, tmp_path):
