@@ -341,7 +341,7 @@ def test_directory_symlink_loops_are_not_followed(synthetic_root, tmp_path):
     assert reasons["train/c2"].startswith("the same folder as c1/")
     _labels_match_folders(tmp_path / "out")
     assert "left out train/c0/uplink: directory symlink" in ms.summary(m)
-    with pytest.raises(ShardError, match="again is a directory symlink loop"):
+    with pytest.raises(ShardError, match=r"again points at .*, which holds --src \(a directory symlink loop\)"):
         make_shards(src, tmp_path / "out2", splits=["again"], progress=False)
 
 
