@@ -356,6 +356,10 @@ def test_fifos_broken_symlinks_and_odd_names_do_not_stop_the_run(synthetic_root,
     (c0 / "dangling.jpg").symlink_to(c0 / "gone.jpg")
     (c0 / "loop.jpg").symlink_to("loop.jpg")
     (c0 / "b.JPEG").symlink_to(src / "train" / "c1" / "b.JPEG")  # a file symlink: followed
+    for folder in (os.fsencode(src / "train") + b"/n\xe9", os.fsencode(c0) + b"/sub\xe9"):  # a class, a subfolder
+        os.mkdir(folder)
+        with open(folder + b"/x.jpg", "wb") as f:
+            f.write(a)
     with open(os.fsencode(c0) + b"/caf\xe9.jpg", "wb") as f:  # Latin-1 name, not UTF-8
         f.write(a)
     out = tmp_path / "out"
@@ -368,7 +372,9 @@ def test_fifos_broken_symlinks_and_odd_names_do_not_stop_the_run(synthetic_root,
     assert {lo["path"]: lo["reason"] for lo in train["left_out"]} == {
         "train/c0/dangling.jpg": "dangling symlink (its target does not exist)",
         "train/c0/loop.jpg": "symlink loop",
-        "train/c0/caf\\xe9.jpg": ms._NOT_UTF8}
+        "train/c0/caf\\xe9.jpg": ms._NOT_UTF8, "train/c0/sub\\xe9": ms._NOT_UTF8,
+        "train/n\\xe9": f"folder {ms._NOT_UTF8}"}
+    assert manifest(out)["classes"] == ["c0", "c1"]
     assert "left out train/c0/caf\\xe9.jpg: name is not valid UTF-8" in r.stdout
     _labels_match_folders(out)
     # A FIFO put where a listed file was is refused when read, not waited on.
