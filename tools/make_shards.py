@@ -90,6 +90,7 @@ from tqdm import tqdm
 # The shard format's names: one definition, which the loaders read (importing it loads no torch).
 from pipeline.manifest import FORMAT, INDEX_VERSION, MANIFEST_NAME, VERSION, shard_stem, shard_stem_pattern
 from pipeline.orphans import exit_with_parent
+from train.cli import CONTEXT
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
                         ".webp", ".ppm", ".pgm", ".pbm", ".pnm"})
@@ -868,6 +869,20 @@ def _file_sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _beside_src(path, src: Path, option: str) -> Path | None:
+    """A label file as given (relative to the current directory), else relative to --src: the devkit's and
+    Kaggle's files sit in the data set's own folder, where the README's `--val-labels LOC_val_solution.csv`
+    means them."""
+    if path is None:
+        return None
+    given = Path(path)
+    for candidate in (given, src / given):
+        if candidate.is_file():
+            return candidate
+    raise ShardError(f"{option} {path}: no such file in the current directory ({Path.cwd()}) or in --src {src}; "
+                     "pass its full path")
+
+
 def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shard_samples: int | None = None,
                 workers: int = 1, seed: int = 0, max_side: int | None = None, quality: int | None = None,
                 overwrite: bool = False, progress: bool = True, val_labels=None, meta=None,
@@ -895,7 +910,8 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
         raise ShardError(f"{src / flat[0]} has no class folders (the ILSVRC2012 flat val layout): pass "
                          "--val-labels LOC_val_solution.csv, or the devkit ground truth with --meta, "
                          f"or leave it out with --split")
-    flat_labels = read_val_labels(Path(val_labels), Path(meta) if meta else None) if flat else None
+    val_labels, meta = _beside_src(val_labels, src, "--val-labels"), _beside_src(meta, src, "--meta")
+    flat_labels = read_val_labels(val_labels, meta) if flat else None
     for s in flat:
         if not any(_image_id(p) in flat_labels for p in (src / s).iterdir()):
             # Kaggle's layout has an unlabelled flat test/ beside val/: never shard it as 100,000 skips.
@@ -989,7 +1005,7 @@ def summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.option("--src", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder with one subfolder per split (train/, val/, ...).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for shards.")
@@ -1005,11 +1021,12 @@ def summary(manifest: dict) -> str:
 @click.option("--quality", default=None, type=click.IntRange(1, 100),
               help=f"Re-encode every image at this JPEG quality [default: keep good JPEGs, "
                    f"convert others at {DEFAULT_QUALITY}]")
-@click.option("--val-labels", default=None, type=click.Path(exists=True, dir_okay=False),
+@click.option("--val-labels", default=None, type=click.Path(dir_okay=False),
               help="Labels of a flat (ILSVRC2012) val folder: LOC_val_solution.csv or the devkit's "
-                   "ILSVRC2012_validation_ground_truth.txt (with --meta).")
-@click.option("--meta", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="The devkit's data/meta.mat (ILSVRC2012_ID -> wnid).")
+                   "ILSVRC2012_validation_ground_truth.txt (with --meta); looked for in the current "
+                   "directory, then in --src.")
+@click.option("--meta", default=None, type=click.Path(dir_okay=False),
+              help="The devkit's data/meta.mat (ILSVRC2012_ID -> wnid); looked for like --val-labels.")
 @click.option("--overwrite", is_flag=True, help="Delete shards of another run in --out and start again.")
 @click.option("--allow-empty-classes", is_flag=True,
               help="Keep a class folder that gives no sample (unreadable, empty, every file skipped) as a class "

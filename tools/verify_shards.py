@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.manifest import INDEX_VERSION, Manifest, ManifestError, Shard, load_manifest, shard_stem_pattern
+from train.cli import CONTEXT
 from tools.make_shards import _jpeg_sof
 
 COMPONENTS = ("jpg", "cls", "lbl", "path")
@@ -156,7 +157,7 @@ def verify_shards(root, *, splits=None, decode: bool = True, progress: bool = Tr
     return problems
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @click.option("--split", "splits", multiple=True, help="Split to check (repeatable); default: all.")
 @click.option("--decode/--no-decode", default=True, show_default=True, help="Decode every image.")

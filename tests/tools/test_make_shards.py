@@ -522,6 +522,19 @@ def test_ilsvrc_layout_with_kaggle_csv(imagenet_sample, tmp_path):
     _check_val(m, tmp_path / "out", truth)
 
 
+def test_val_labels_are_found_in_src_when_not_in_cwd(imagenet_sample, tmp_path, monkeypatch):
+    """The README's `--val-labels LOC_val_solution.csv` names the file in the data set's folder."""
+    wnids, truth = _ilsvrc_tree(tmp_path / "src", imagenet_sample)
+    (tmp_path / "src" / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(
+        f"{k},{w} 1 2 3 4\n" for k, w in truth.items()))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    m = make_shards(tmp_path / "src", tmp_path / "out", val_labels="LOC_val_solution.csv", progress=False)
+    _check_val(m, tmp_path / "out", truth)
+    with pytest.raises(ShardError, match="no such file in the current directory .* or in --src"):
+        make_shards(tmp_path / "src", tmp_path / "out2", val_labels="nope.csv", progress=False)
+
+
 def test_ilsvrc_layout_with_devkit_ground_truth(imagenet_sample, tmp_path):
     scipy_io = pytest.importorskip("scipy.io")
     wnids, truth = _ilsvrc_tree(tmp_path / "src", imagenet_sample)
