@@ -392,13 +392,14 @@ def _deny(monkeypatch, *paths: Path) -> None:
     """Reads of `paths` fail with EACCES, as under mode 000 without root's override (these tests run as root
     too, where chmod would not stop a read)."""
     denied = {str(p) for p in paths}
-    scandir, open_ = os.scandir, os.open
+    scandir, listdir, open_ = os.scandir, os.listdir, os.open
 
     def deny(path):
         if isinstance(path, (str, os.PathLike)) and os.fspath(path) in denied:
             raise PermissionError(13, "Permission denied", os.fspath(path))
 
     monkeypatch.setattr(os, "scandir", lambda path=".": deny(path) or scandir(path))
+    monkeypatch.setattr(os, "listdir", lambda path=".": deny(path) or listdir(path))
     monkeypatch.setattr(os, "open", lambda path, *a, **k: deny(path) or open_(path, *a, **k))
 
 
@@ -422,6 +423,10 @@ def test_unreadable_or_empty_class_folders_are_refused_or_listed(synthetic_root,
     assert {sk["path"]: sk["reason"] for sk in train["skipped"]} == {
         "train/c1/c.JPEG": "unreadable: Permission denied", "train/broken/bad.JPEG": "not a recognised image format"}
     # A class folder whose every file is skipped is refused after the check; allowed, the run resumes.
+    monkeypatch.undo()
+    _deny(monkeypatch, src / "train")
+    with pytest.raises(ShardError, match=r"train: cannot list the split folder \(Permission denied\); make it "):
+        make_shards(src, tmp_path / "out2", progress=False)
     monkeypatch.undo()
     with pytest.raises(ShardError, match=r"1 class folder\(s\) have no usable image \(every file was skipped\): "
                                          r"train/broken/ \(not a recognised image format\)"):
