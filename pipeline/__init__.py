@@ -37,8 +37,8 @@ def build_loader(cfg: DataConfig, split: str, dist: "DistInfo", *, train: bool) 
 
 
 def __getattr__(name: str):
-    # `Loader` lives with torch (pipeline.common): importing `pipeline` eagerly cost 2.3 s, paid by every
-    # spawned make_shards worker that imports pipeline.manifest or pipeline.orphans (measured 2026-12-02).
+    # `Loader` lives with torch (pipeline.common): importing `pipeline` eagerly cost 2.3-9.8 s, paid by every
+    # spawned make_shards worker that imports pipeline.manifest or pipeline.orphans (benchmarks/RESULTS.md).
     if name == "Loader":
         from .common import Loader
         return Loader
