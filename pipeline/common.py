@@ -82,6 +82,24 @@ def check_shard_pair(shard: "Shard", split: str, root: Path) -> None:
         raise ManifestError(f"{shard.index}: member {name} is not from split {split!r}; {hint}")
 
 
+def label_outside(label: int, num_classes: int, key: str, tar: str | Path) -> "ManifestError":
+    """The error for a sample whose label is not in [0, num_classes): cross_entropy would fail on it with
+    `IndexError: Target 200 is out of bounds` (on a GPU: a device-side assert) naming no sample."""
+    from .manifest import ManifestError
+
+    root = Path(tar).parent
+    return ManifestError(f"sample {key} in {tar} has label {label}, outside [0, {num_classes}) for the "
+                         f"{num_classes} classes of {root / 'manifest.json'}: the shard was edited or made with "
+                         f"another class list. Run `imt-verify-shards {root}`, then remake the shards with "
+                         "`imt-make-shards`")
+
+
+def read_label(tar, offset: int) -> int:
+    """The int64 of a sample's .lbl member (little-endian) at `offset` of the open tar file."""
+    tar.seek(offset)
+    return int.from_bytes(tar.read(8), "little", signed=True)
+
+
 def load_split(path: str | Path, split: str) -> tuple["Manifest", "Split"]:
     """The manifest and one split, with every shard/index pair checked, before any loader
     starts: a bad folder fails here with the file's name, not deep inside DALI."""

@@ -80,6 +80,33 @@ def read_index_count(path: Path) -> int:
     return int(head[1])
 
 
+Component = tuple[int, int, str]  # (data offset in the tar, size in bytes, member name) of one file of a sample
+
+
+def parse_index_line(line: str, where: str = "index") -> dict[str, Component]:
+    """One sample's line of a wds2idx index, `<ext> <offset> <size> <name>` per component, as
+    {ext: (offset, size, name)} in the line's order."""
+    f = line.split()
+    if not f or len(f) % 4:
+        raise ManifestError(f"{where}: malformed index line {line.strip()!r} (expected `<ext> <offset> <size> "
+                            "<name>` per component)")
+    try:
+        return {f[k]: (int(f[k + 1]), int(f[k + 2]), f[k + 3]) for k in range(0, len(f), 4)}
+    except ValueError:
+        raise ManifestError(f"{where}: malformed index line {line.strip()!r} (offset or size not a number)") from None
+
+
+def read_index(path: Path) -> tuple[int, list[dict[str, Component]]]:
+    """The one reader of index files: (count in the header, every sample's components). The header count is
+    returned, not checked against the lines, so a caller can report both."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.readline().split()
+        if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+            raise ManifestError(f"{path}: not a DALI {INDEX_VERSION} index file (header {head!r})")
+        return int(head[1]), [parse_index_line(line, f"{path} line {n}") for n, line in enumerate(f, 2)
+                              if line.strip()]
+
+
 def _check_shard(shard: Shard, root: Path) -> None:
     for p in (shard.tar, shard.index):
         if not p.is_file() or p.stat().st_size == 0:

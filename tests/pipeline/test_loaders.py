@@ -284,6 +284,22 @@ def test_undecodable_sample_names_shard_and_key(kind, shard_copy):
     assert "imt-verify-shards" in str(e.value)
 
 
+@pytest.mark.parametrize("kind", ["dali", "torch"])
+def test_label_outside_the_classes_names_shard_and_key(kind, shard_copy):
+    """An edited .lbl (200 with 8 classes) used to end in cross_entropy's `IndexError: Target 200 is out of
+    bounds`, naming no sample; the loader stops first and names the shard and the key."""
+    from pipeline.manifest import read_index
+
+    offset, _, name = read_index(shard_copy / "train-000001.idx")[1][5]["lbl"]
+    with open(shard_copy / "train-000001.tar", "r+b") as f:
+        f.seek(offset)
+        f.write((200).to_bytes(8, "little", signed=True))
+    key = name.split(".")[0]
+    with pytest.raises(ManifestError, match=rf"sample {key} in .*train-000001.tar has label 200, outside \[0, 8\)"
+                                            r".*imt-verify-shards"):
+        list(_make(kind, _cfg(shard_copy), keys=False))
+
+
 def test_validation_exif_rotated_matches_torchvision(tmp_path):
     """EXIF orientation is ignored by both loaders (as ImageFolder/PIL does), so the centre-crop
     geometry must come from the stored, unrotated width and height. Orientations 5-8 swap the two
