@@ -118,9 +118,19 @@ def _check_shard(shard: Shard, root: Path) -> None:
                             f"{shard.num_samples}; {_remake_hint(root)}")
 
 
+def _inside(root: Path, name: object, where: Path) -> Path:
+    """`root / name` for a file name the manifest lists; a path that leaves the folder (absolute, or with
+    `..`) is refused: a tampered manifest must not make the loaders read files elsewhere."""
+    rel = Path(str(name))
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise ManifestError(f"{where}: lists {str(name)!r}, a path outside {root}; a manifest lists files inside "
+                            f"its own folder only. It was edited or is not ours: {_remake_hint(root)}")
+    return root / rel
+
+
 def _parse_split(name: str, d: dict, root: Path, where: Path) -> Split:
     try:
-        shards = tuple(Shard(tar=root / s["file"], index=root / s["index"],
+        shards = tuple(Shard(tar=_inside(root, s["file"], where), index=_inside(root, s["index"], where),
                              num_samples=int(s["num_samples"]), sha256=str(s["sha256"]))
                        for s in d["shards"])
         split = Split(name=name, num_samples=int(d["num_samples"]), shards=shards,
@@ -160,6 +170,13 @@ def load_manifest(root: str | Path, *, check_files: bool = True) -> Manifest:
         settings = dict(d.get("settings", {}))
     except (KeyError, TypeError, AttributeError) as e:
         raise ManifestError(f"{where}: malformed ({e!r}); {_remake_hint(root)}") from e
+    seen: dict[Path, str] = {}
+    for split in splits.values():  # one file read twice would count its samples twice (or leak train into val)
+        for p in (path for shard in split.shards for path in (shard.tar, shard.index)):
+            if p in seen:
+                raise ManifestError(f"{where}: {p.name} is listed twice (in split {seen[p]!r} and in split "
+                                    f"{split.name!r}); {_remake_hint(root)}")
+            seen[p] = split.name
     if check_files:
         for split in splits.values():
             for shard in split.shards:
