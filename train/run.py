@@ -45,6 +45,7 @@ from train.evaluate import EvalResult, evaluate, save_report
 from train.loop import NonFiniteLoss, train_one_epoch
 from train.model import build_model, build_step_parts, prepare, unwrap
 from train.monitor import MetricsLog, Progress
+from train.preflight import verify_data
 from train.runlock import locked_run
 from train.schedule import LRSchedule, peak_lr, resolution_at
 
@@ -165,6 +166,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     say = Progress(info.is_main, info.world_size)
     seed_everything(run.seed, run.deterministic)  # same seed on every rank: identical initial weights
 
+    verify_data(cfg.data, info, say.write)  # data.verify / --verify: hash the shards first
     train_loader = build_loader(cfg.data, "train", info, train=True)
     val_loader = build_loader(cfg.data, "val", info, train=False)
     classes = list(train_loader.classes)
@@ -374,10 +376,12 @@ def print_summary(summary: dict) -> None:
 @click.option("--finetune", type=click.Choice(["full", "linear"]), help="With --pretrained: 'full' trains "
               "everything (backbone at optim.backbone_lr_mult x the lr), 'linear' only the new classifier.")
 @click.option("--freeze-bn/--no-freeze-bn", default=None, help="Keep BN statistics at their pretrained values.")
+@click.option("--verify", is_flag=True, default=None, help="Before training, hash every shard against manifest.json "
+              "(data.verify=true; the cost is printed).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override any config key, e.g. --set optim.ema_decay=0.9999 --set run.tta_flip=true.")
 def main(recipe, data_path, arch, epochs, batch_size, lr, resolution, loader, out, resume, precision, workers,
-         compile_, seed, device, pretrained, finetune, freeze_bn, sets):
+         compile_, seed, device, pretrained, finetune, freeze_bn, verify, sets):
     """Train an image classifier; metrics, checkpoints and reports go to --out."""
     options = {"data.path": data_path, "model.arch": arch, "run.epochs": epochs, "data.batch_size": batch_size,
                "optim.lr": lr, "data.resolution": resolution, "data.val_resolution": resolution,
@@ -385,7 +389,7 @@ def main(recipe, data_path, arch, epochs, batch_size, lr, resolution, loader, ou
                "data.loader": loader, "run.out": out, "run.resume": resume, "precision.dtype": precision,
                "data.workers": workers, "model.compile": compile_, "run.seed": seed, "data.seed": seed,
                "run.device": device, "model.pretrained": pretrained, "model.finetune": finetune,
-               "model.freeze_bn": freeze_bn}
+               "model.freeze_bn": freeze_bn, "data.verify": verify}
     overrides = {k: v for k, v in options.items() if v is not None}
     try:
         overrides.update(parse_override(s) for s in sets)  # --set wins over the named options
