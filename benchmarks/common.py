@@ -86,9 +86,10 @@ def dataset_stats(shards: Path, split: str = "train", max_headers: int = 1000) -
     sp = m.split(split)
     sizes, dims = [], []
     for shard in sp.shards:
+        index = read_index(shard.index)
         with open(shard.tar, "rb") as tar:
-            for sample in read_index(shard.index)[1]:
-                off, size, _ = sample["jpg"]
+            for i in range(len(index)):
+                off, size, _ = index.sample(i)["jpg"]
                 sizes.append(size)
                 if len(dims) < max_headers:
                     tar.seek(off)

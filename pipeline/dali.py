@@ -201,7 +201,13 @@ class DaliLoader:
         # it for each evaluation redid the decoder's start-up every epoch).
         if (self._iter is None or self._built_resolution != self.resolution
                 or (self.train and self.epoch != self._first_epoch + self._epochs_done)):
-            self._build()
+            try:
+                self._build()  # the iterator runs the first batches here: a bad sample can fail already
+            except RuntimeError as e:
+                self._iter = self._pipe = None
+                if (why := self._explain(e)) is None:
+                    raise
+                raise RuntimeError(why) from e
         yield from self._epoch_batches()
 
     # --- internals ----------------------------------------------------------------------------
@@ -332,9 +338,10 @@ def find_label_outside(shards, num_classes: int, budget_s: float) -> tuple[str, 
 
     deadline = time.monotonic() + budget_s
     for shard in shards:
+        index = read_index(shard.index)
         with open(shard.tar, "rb") as tar:
-            for sample in read_index(shard.index)[1]:
-                offset, _, name = sample["lbl"]
+            for i in range(len(index)):
+                offset, _, name = index.sample(i)["lbl"]
                 label = read_label(tar, offset)
                 if not 0 <= label < num_classes:
                     return str(shard.tar), name.rsplit(".", 1)[0], label
@@ -352,9 +359,10 @@ def find_undecodable(shards, budget_s: float) -> tuple[str, str, str] | None:
 
     deadline = time.monotonic() + budget_s
     for shard in shards:
+        index = read_index(shard.index)
         with open(shard.tar, "rb") as tar:
-            for sample in read_index(shard.index)[1]:
-                offset, size, name = sample["jpg"]
+            for i in range(len(index)):
+                offset, size, name = index.sample(i)["jpg"]
                 tar.seek(offset)
                 data = torch.frombuffer(bytearray(tar.read(size)), dtype=torch.uint8)
                 try:

@@ -52,9 +52,11 @@ class ShardSource:
         self.entries: list[tuple[int, int, int, int, str]] = []  # shard, offset, size, label, key
         self.tars = [str(s.tar) for s in split.shards]
         for si, shard in enumerate(split.shards):
-            for comp in read_index(shard.index)[1]:
-                off, size, name = comp["jpg"]
-                self.entries.append((si, off, size, comp["lbl"][0], name.rsplit(".", 1)[0]))
+            index = read_index(shard.index)
+            jpg, lbl, c = index.column("jpg"), index.column("lbl"), len(index.exts)
+            columns = (index.offsets[:, jpg].tolist(), index.sizes[:, jpg].tolist(), index.offsets[:, lbl].tolist())
+            for i, (off, size, lbl_off) in enumerate(zip(*columns)):
+                self.entries.append((si, off, size, lbl_off, index.names[i * c + jpg].rsplit(".", 1)[0]))
         self._files: dict[int, object] = {}  # opened lazily, per worker process
         self._labels: dict[int, int] = {}
 

@@ -75,7 +75,8 @@ def _check_shard(m: Manifest, split: str, shard: Shard, first: int, layout: str,
         problems.append(f"{where}: sha256 differs from the manifest")
     try:
         members = _read_tar(shard.tar)
-        count, index = read_index(shard.index)
+        index = read_index(shard.index)
+        count, index = index.count, [index.sample(i) for i in range(len(index))]
     except (OSError, ValueError, tarfile.TarError) as e:
         return problems + [f"{where}: unreadable ({e})"]
     groups: list[list[tuple[str, int, int, bytes]]] = []
