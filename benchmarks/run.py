@@ -67,6 +67,7 @@ from benchmarks.common import (BenchData, dataset_stats, environment, prepare_da
 from benchmarks.shards import DEFAULT_SRC
 from pipeline import build_loader
 from pipeline.config import DataConfig
+from train.cli import CONTEXT
 from train.config import Config, ConfigError, load_config, parse_override, resolve
 from train.dist import single
 from train.loop import train_step
@@ -475,7 +476,7 @@ def default_profile_loader(device: torch.device) -> str:
     return "dali-mixed" if device.type == "cuda" else "dali-cpu"
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.option("--data", "data_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Existing shards (imt-make-shards output with a train split). Default: build from --images.")
 @click.option("--folder", default=None, type=click.Path(exists=True, file_okay=False),

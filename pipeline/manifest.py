@@ -10,6 +10,7 @@ inside DALI or webdataset.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,17 @@ FORMAT = "imt-shards"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
 INDEX_VERSION = "v1.2"  # first token of a DALI wds2idx index file
+SHARD_DIGITS = 6
+
+
+def shard_stem(split: str, n: int) -> str:
+    """`train-000012`: the name of shard n of a split, without `.tar` / `.idx` (the one definition)."""
+    return f"{split}-{n:0{SHARD_DIGITS}d}"
+
+
+def shard_stem_pattern(split: str) -> str:
+    """A regular expression matching every `shard_stem(split, n)`."""
+    return rf"{re.escape(split)}-\d{{{SHARD_DIGITS}}}"
 
 
 class ManifestError(ValueError):

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
-from .common import MEAN, STD, label_outside, load_split, num_batches, rank_batches, read_label, torch_dtype
+from .common import label_outside, load_split, normalise, num_batches, rank_batches, read_label, torch_dtype
 from .config import DataConfig
 from .manifest import read_index
 
@@ -130,14 +130,6 @@ def _transform(train: bool, px: int, cfg: DataConfig):
                            v2.RandomHorizontalFlip()])
     return v2.Compose([v2.Resize(int(cfg.val_resolution / cfg.val_resize_ratio), antialias=True),
                        v2.CenterCrop(cfg.val_resolution)])
-
-
-def normalise(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 N x 3 x H x W (any layout) -> normalised `dtype`, channels-last, on images' device."""
-    x = images.contiguous(memory_format=torch.channels_last).float()
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255)
-    return x.sub_(mean).mul_(inv_std).to(dtype)
 
 
 class _Batches(IterableDataset):

@@ -77,9 +77,10 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
-# The shard format's names, as pipeline/manifest.py reads them (tests/tools check they agree). Not
-# imported from there: `pipeline/__init__` imports torch (2.2 s), paid again by every spawned worker.
-FORMAT, VERSION, MANIFEST_NAME, INDEX_VERSION = "imt-shards", 1, "manifest.json", "v1.2"
+# The shard format's names: one definition, which the loaders read (importing it loads no torch).
+from pipeline.manifest import FORMAT, INDEX_VERSION, MANIFEST_NAME, VERSION, shard_stem, shard_stem_pattern
+from train.cli import CONTEXT
+
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
                         ".webp", ".ppm", ".pgm", ".pbm", ".pnm"})
 DEFAULT_QUALITY = 95
@@ -486,18 +487,48 @@ def _save_plan(out: Path, split: str, fingerprint: str, results: list[Checked]) 
 # --------------------------------------------------------------------------- output folder
 
 def _is_tmp(p: Path) -> bool:
-    """A half-written file of ours: `<name>.tmp` (shards) or `<name>.tmp<pid>` (_atomic_write)."""
+    """A half-written file: `<name>.tmp` (shards) or `<name>.tmp<pid>` (_atomic_write); see _ours."""
     return re.fullmatch(r".+\.tmp\d*", p.name) is not None
 
 
-def _ours(p: Path) -> bool:
-    return p.name in (MANIFEST_NAME, PROGRESS_NAME, CACHE_NAME) or p.suffix in (".tar", ".idx") or _is_tmp(p)
+def _ours(name: str, splits) -> bool:
+    """Whether make_shards writes a file of this name in --out for a run of `splits`: the manifest, the
+    progress file, the check cache, each `<split>-NNNNNN.tar/.idx` and their half-written `.tmp` names.
+    Nothing else in --out is ever deleted (a user's `backup.tar` or `notes.tmp` included)."""
+    ours = rf"({re.escape(MANIFEST_NAME)}|{re.escape(PROGRESS_NAME)})(\.tmp\d+)?|{re.escape(CACHE_NAME)}"
+    shards = "|".join(shard_stem_pattern(s) for s in splits)
+    return re.fullmatch(ours, name) is not None or (
+        bool(shards) and re.fullmatch(rf"({shards})\.(tar|idx)(\.tmp)?", name) is not None)
 
 
-def _remove_ours(out: Path) -> None:
+def _read_record(path: Path) -> dict | None:
+    """The manifest or progress file at `path` if make_shards wrote it; None if there is none."""
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        d = e
+    key = "format" if path.name == MANIFEST_NAME else "done"
+    if not isinstance(d, dict) or not isinstance(d.get("settings", {}), dict) or key not in d or (
+            key == "format" and d["format"] != FORMAT):
+        raise ShardError(f"{path} was not written by make_shards ({d!r:.80}); it is left alone: move it away "
+                         "or use another --out")
+    return d
+
+
+def _remove_ours(out: Path, progress: dict | None, manifest: dict | None) -> None:
+    """--overwrite: delete what the recorded run wrote, or refuse (deleting nothing) if anything else is there."""
+    splits = set((progress or {}).get("settings", {}).get("splits", ()))
+    splits |= set((manifest or {}).get("settings", {}).get("splits", ())) | set((manifest or {}).get("splits", ()))
+    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name, splits))
+    if foreign:
+        more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
+        raise ShardError(f"{out} holds files make_shards did not write: {', '.join(foreign[:10])}{more}. "
+                         "--overwrite deletes only the shards, indexes and manifest of an earlier run, so "
+                         "nothing was deleted: move those files away, or use another --out")
     for p in out.iterdir():
-        if _ours(p):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -539,16 +570,16 @@ def _refuse_other(out: Path, what: str, saved: dict, settings: dict) -> None:
 def _prepare_out(out: Path, settings: dict, overwrite: bool) -> tuple[dict, dict | None]:
     """Returns (finished shards from an interrupted run, complete manifest or None)."""
     out.mkdir(parents=True, exist_ok=True)
+    prog, man = _read_record(out / PROGRESS_NAME), _read_record(out / MANIFEST_NAME)
     if overwrite:
-        _remove_ours(out)
+        _remove_ours(out, prog, man)
         return {}, None
-    prog, man = out / PROGRESS_NAME, out / MANIFEST_NAME
-    if prog.is_file():
-        saved = json.loads(prog.read_text())
+    if prog is not None:
+        saved = prog
         _refuse_other(out, "an unfinished run", saved["settings"], settings)
         return saved["done"], None
-    if man.is_file():
-        saved = json.loads(man.read_text())
+    if man is not None:
+        saved = man
         _refuse_other(out, "shards", saved.get("settings") or {}, settings)
         done = {s["file"]: s for sp in saved["splits"].values() for s in sp["shards"]}
         return done, saved
@@ -605,7 +636,7 @@ def _make_split(src: Path, out: Path, split: str, items: list[Item], ignored: in
 
     specs, records = [], {}
     for n, r in enumerate(shards):
-        name = f"{split}-{n:06d}"
+        name = shard_stem(split, n)
         if _is_done(out, done.get(f"{name}.tar")) and done[f"{name}.tar"]["num_samples"] == len(r):
             records[name] = done[f"{name}.tar"]
             continue
@@ -625,7 +656,7 @@ def _make_split(src: Path, out: Path, split: str, items: list[Item], ignored: in
     return {
         "num_samples": len(good),
         "inputs": len(items),
-        "shards": [records[f"{split}-{n:06d}"] for n in range(len(shards))],
+        "shards": [records[shard_stem(split, n)] for n in range(len(shards))],
         "skipped": [{"path": items[i].rel, "reason": c.skipped} for i, c in enumerate(results) if c.skipped],
         "ignored": ignored,
         "converted": sum(c.converted is not None for c in results if c.skipped is None),
@@ -649,6 +680,20 @@ def _file_sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _beside_src(path, src: Path, option: str) -> Path | None:
+    """A label file as given (relative to the current directory), else relative to --src: the devkit's and
+    Kaggle's files sit in the data set's own folder, where the README's `--val-labels LOC_val_solution.csv`
+    means them."""
+    if path is None:
+        return None
+    given = Path(path)
+    for candidate in (given, src / given):
+        if candidate.is_file():
+            return candidate
+    raise ShardError(f"{option} {path}: no such file in the current directory ({Path.cwd()}) or in --src {src}; "
+                     "pass its full path")
+
+
 def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shard_samples: int | None = None,
                 workers: int = 1, seed: int = 0, max_side: int | None = None, quality: int | None = None,
                 overwrite: bool = False, progress: bool = True, val_labels=None, meta=None) -> dict:
@@ -665,7 +710,8 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
         raise ShardError(f"{src / flat[0]} has no class folders (the ILSVRC2012 flat val layout): pass "
                          "--val-labels LOC_val_solution.csv, or the devkit ground truth with --meta, "
                          f"or leave it out with --split")
-    flat_labels = read_val_labels(Path(val_labels), Path(meta) if meta else None) if flat else None
+    val_labels, meta = _beside_src(val_labels, src, "--val-labels"), _beside_src(meta, src, "--meta")
+    flat_labels = read_val_labels(val_labels, meta) if flat else None
     for s in flat:
         if not any(_image_id(p) in flat_labels for p in (src / s).iterdir()):
             # Kaggle's layout has an unlabelled flat test/ beside val/: never shard it as 100,000 skips.
@@ -701,7 +747,7 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
             click.echo(f"{out}: already complete with these settings (pass --overwrite to remake)")
         return complete
     for p in out.iterdir():  # half-written files of an interrupted run
-        if _is_tmp(p) and p.is_file():
+        if _is_tmp(p) and _ours(p.name, splits) and p.is_file():
             p.unlink()
     _save_progress(out, settings, done)
 
@@ -745,7 +791,7 @@ def summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.option("--src", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder with one subfolder per split (train/, val/, ...).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for shards.")
@@ -761,11 +807,12 @@ def summary(manifest: dict) -> str:
 @click.option("--quality", default=None, type=click.IntRange(1, 100),
               help=f"Re-encode every image at this JPEG quality [default: keep good JPEGs, "
                    f"convert others at {DEFAULT_QUALITY}]")
-@click.option("--val-labels", default=None, type=click.Path(exists=True, dir_okay=False),
+@click.option("--val-labels", default=None, type=click.Path(dir_okay=False),
               help="Labels of a flat (ILSVRC2012) val folder: LOC_val_solution.csv or the devkit's "
-                   "ILSVRC2012_validation_ground_truth.txt (with --meta).")
-@click.option("--meta", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="The devkit's data/meta.mat (ILSVRC2012_ID -> wnid).")
+                   "ILSVRC2012_validation_ground_truth.txt (with --meta); looked for in the current "
+                   "directory, then in --src.")
+@click.option("--meta", default=None, type=click.Path(dir_okay=False),
+              help="The devkit's data/meta.mat (ILSVRC2012_ID -> wnid); looked for like --val-labels.")
 @click.option("--overwrite", is_flag=True, help="Delete shards of another run in --out and start again.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
 def main(src, out, splits, workers, seed, shard_bytes, shard_samples, max_side, quality, val_labels, meta,

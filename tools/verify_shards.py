@@ -27,7 +27,8 @@ import click
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.manifest import Manifest, ManifestError, Shard, load_manifest, read_index
+from pipeline.manifest import Manifest, ManifestError, Shard, load_manifest, read_index, shard_stem_pattern
+from train.cli import CONTEXT
 from tools.make_shards import _jpeg_sof
 
 COMPONENTS = ("jpg", "cls", "lbl", "path")
@@ -136,14 +137,14 @@ def verify_shards(root, *, splits=None, decode: bool = True, progress: bool = Tr
         first = 0
         with tqdm(total=split.num_samples, desc=f"verify {name}", unit="img", disable=not progress) as bar:
             for shard in split.shards:
-                if not re.fullmatch(rf"{re.escape(name)}-\d{{6}}\.tar", shard.tar.name):
+                if not re.fullmatch(rf"{shard_stem_pattern(name)}\.tar", shard.tar.name):
                     problems.append(f"{shard.tar.name}: unexpected shard name in split {name}")
                 problems += _check_shard(m, name, shard, first, layouts.get(name, ""), decode, bar)
                 first += shard.num_samples
     return problems
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @click.option("--split", "splits", multiple=True, help="Split to check (repeatable); default: all.")
 @click.option("--decode/--no-decode", default=True, show_default=True, help="Decode every image.")

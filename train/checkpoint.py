@@ -2,6 +2,7 @@
 
 Layout in `<out>/checkpoints/`:
     epoch0003-step00001500.pt   (+ .sha256)   periodic: end of each epoch, or on SIGTERM/SIGINT mid-epoch
+                                              (epochs numbered from 1, as on screen: epoch 3 done, or in progress)
     best.pt                     (+ .sha256)   the one with the best validation top-1 so far
 
 Writing: torch.save to `<name>.tmp`, fsync, sha256 of the bytes into `<name>.sha256`, then os.replace, so a
@@ -188,7 +189,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
-    """`epoch`: epochs completed when saved; `step`: global optimizer steps done."""
+    """`epoch`: the epoch as the screen and metrics.jsonl number it (from 1): the one just finished, or the one
+    in progress for a mid-epoch save; `step`: global optimizer steps done. The state's "epoch" counts epochs
+    completed, which is what a resume uses."""
     return f"epoch{epoch:04d}-step{step:08d}.pt"
 
 

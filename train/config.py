@@ -25,6 +25,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SCHEDULES = ("cosine", "step", "linear")
 PRECISIONS = ("auto", "bfloat16", "float16", "float32")
 FINETUNE_MODES = ("full", "linear")
+OPTIMIZERS = ("sgd", "adamw", "lars", "lamb")
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,14 @@ class OptimConfig:
     gamma: float = 0.1
     ema_decay: float = 0.0            # EMA of the weights, per step (0 = off); eval then uses the EMA
     backbone_lr_mult: float = 1.0     # lr multiplier for everything but the classifier (fine-tuning)
+    # Optimizer (train.model.build_optimizer): sgd (momentum, nesterov) | adamw | lars (LARS, You et al. 2017:
+    # DLE and MLPerf ResNet-50 at global batch 3,200+) | lamb (You et al. 2019); lars/lamb from timm.optim.
+    optimizer: str = "sgd"
+    betas: tuple[float, ...] = (0.9, 0.999)  # adamw, lamb
+    grad_clip: float = 0.0            # clip the global gradient norm to this (0 = off); unscaled first under fp16
+    grad_accum: int = 1               # batches per optimizer step: global batch = batch x ranks x grad_accum
+    mixup: float = 0.0                # mixup Beta alpha (0 = off; torchvision's references: 0.2), train.mix
+    cutmix: float = 0.0               # cutmix Beta alpha (0 = off; torchvision's references: 1.0)
 
 
 @dataclass(frozen=True)
@@ -231,7 +240,8 @@ def validate(cfg: Config) -> None:
     _check(d.loader == "synthetic" or bool(d.path),
            f"data.path is empty: pass --data <folder written by imt-make-shards> (or --loader synthetic)")
     _check(m.finetune in FINETUNE_MODES, f"model.finetune={m.finetune!r}: expected one of {', '.join(FINETUNE_MODES)}")
-    _check(m.pretrained or (m.finetune == "full" and not m.freeze_bn),
+    # On --resume the checkpoint's config supplies them (train.transfer.finetune_of_checkpoint checks again).
+    _check(m.pretrained or r.resume or (m.finetune == "full" and not m.freeze_bn),
            "model.finetune=linear and model.freeze_bn need pretrained weights: pass --pretrained <checkpoint, "
            "state dict or torchvision:<arch>>")
     # SyncBatchNorm modules replace the frozen ones (convert_sync_batchnorm builds fresh modules), so the
@@ -256,6 +266,13 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay={o.ema_decay}: expected 0 (off) or in (0, 1)")
     _check(0.0 <= o.label_smoothing < 1.0, f"optim.label_smoothing={o.label_smoothing}: expected in [0, 1)")
     _check(o.warmup_epochs >= 0, f"optim.warmup_epochs={o.warmup_epochs}: must be >= 0")
+    _check(o.optimizer in OPTIMIZERS, f"optim.optimizer={o.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    _check(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
+           f"optim.betas={list(o.betas)}: expected two values in [0, 1), e.g. [0.9, 0.999]")
+    _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: 0 (off) or the largest gradient norm, e.g. 1.0")
+    _check(o.grad_accum >= 1, f"optim.grad_accum={o.grad_accum}: batches per optimizer step, at least 1")
+    _check(o.mixup >= 0 and o.cutmix >= 0, f"optim.mixup={o.mixup}, optim.cutmix={o.cutmix}: Beta alphas, 0 (off) "
+                                           "or positive (torchvision's references: mixup 0.2, cutmix 1.0)")
     _check(r.epochs > 0, f"run.epochs={r.epochs}: must be positive")
     _check(r.max_steps_per_epoch >= 0, f"run.max_steps_per_epoch={r.max_steps_per_epoch}: 0 (whole epochs) or "
                                        "a positive cap")
@@ -272,6 +289,19 @@ def validate(cfg: Config) -> None:
                             "torchvision.models.list_models(module=torchvision.models))")
 
 
+def cuda_bf16_native(device: "torch.device") -> bool:  # noqa: F821
+    """True where the GPU runs bfloat16 natively (compute capability >= 8: A100, H100, ...). Plain
+    `torch.cuda.is_bf16_supported()` also says True on V100/T4, where bf16 is emulated through fp32 and
+    far slower than fp16 + GradScaler; `including_emulation=False` (torch >= 2.3) excludes that, and
+    older torch falls back to the capability check that function makes itself."""
+    import torch
+
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3: no including_emulation argument
+        return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve(cfg: Config, device: "torch.device") -> Config:  # noqa: F821
     """Make the machine-dependent choices concrete (precision "auto") and keep the loader's output dtype
     equal to the compute dtype, so config.json says exactly what ran."""
@@ -280,7 +310,7 @@ def resolve(cfg: Config, device: "torch.device") -> Config:  # noqa: F821
     dtype = cfg.precision.dtype
     if dtype == "auto":
         if device.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            dtype = "bfloat16" if cuda_bf16_native(device) else "float16"
         else:
             dtype = "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
     if dtype == "float16" and device.type != "cuda":

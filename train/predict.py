@@ -22,6 +22,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from train.checkpoint import describe
+from train.cli import CONTEXT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
@@ -39,7 +40,9 @@ class Predictor:
         dev = torch.device(device)
         graph = path / "model.pt2"
         if graph.is_file():  # an export folder with its graph: no model code needed
-            bundle = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+            from train.state import Checkpoint
+            raw = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+            bundle = Checkpoint.from_dict(raw, path / "model.pt").meta()
             model = torch.export.load(graph).module()
         else:  # a checkpoint, or an export folder's model.pt: rebuilt with this project's model code
             from train.export import load_checkpoint_model
@@ -74,7 +77,7 @@ def expand(paths: list[str]) -> list[Path]:
     return files
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings=CONTEXT)
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True),
               help="Export folder (imt-export) or checkpoint.")
 @click.argument("paths", nargs=-1, required=True)

@@ -186,6 +186,42 @@ def test_changed_source_files_are_refused_unless_overwrite(synthetic_root, tmp_p
     assert m["splits"]["val"]["num_samples"] == 32
 
 
+def test_overwrite_deletes_only_what_make_shards_wrote(synthetic_root, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    make_shards(synthetic_root, out, splits=["val"], shard_samples=10, progress=False)
+    foreign = {"important-backup.tar": b"tar", "photos.idx": b"idx", "results.tmp": b"tmp",
+               "val-backup.tar": b"v", "train-000000.tar": b"a shard of a split this run did not make"}
+    write_tree(out, foreign)
+    before = files_of(out)
+    with pytest.raises(ShardError, match=r"did not write: important-backup.tar, photos.idx, results.tmp, "
+                                         r"train-000000.tar, val-backup.tar\. .*nothing was deleted"):
+        make_shards(synthetic_root, out, splits=["val"], shard_samples=16, overwrite=True, progress=False)
+    assert files_of(out) == before
+    for name in foreign:
+        (out / name).unlink()
+    m = make_shards(synthetic_root, out, splits=["val"], shard_samples=16, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [
+        f"val-00000{i}.{x}" for i in range(len(m["splits"]["val"]["shards"])) for x in ("idx", "tar")]
+
+    # Resuming an interrupted run removes its own half-written files only.
+    monkeypatch.setenv(ms.FAIL_AFTER_ENV, "1")
+    with pytest.raises(SimulatedInterrupt):
+        make_shards(synthetic_root, tmp_path / "cut", splits=["val"], shard_samples=10, progress=False)
+    monkeypatch.delenv(ms.FAIL_AFTER_ENV)
+    write_tree(tmp_path / "cut", {"results.tmp": b"keep me", "val-000003.tar.tmp": b"half a shard"})
+    make_shards(synthetic_root, tmp_path / "cut", splits=["val"], shard_samples=10, progress=False)
+    assert (tmp_path / "cut" / "results.tmp").read_bytes() == b"keep me"
+    assert not (tmp_path / "cut" / "val-000003.tar.tmp").exists()
+
+    # A manifest.json that make_shards did not write is never read as ours, nor deleted.
+    other = tmp_path / "other"
+    write_tree(other, {"manifest.json": b'{"album": "holidays"}', "a.tar": b"x"})
+    for overwrite in (False, True):
+        with pytest.raises(ShardError, match=r"manifest.json was not written by make_shards"):
+            make_shards(synthetic_root, other, splits=["val"], overwrite=overwrite, progress=False)
+    assert sorted(p.name for p in other.iterdir()) == ["a.tar", "manifest.json"]
+
+
 def test_foreign_output_folder_is_refused(synthetic_root, tmp_path):
     (tmp_path / "thesis.pdf").write_bytes(b"%PDF")
     with pytest.raises(ShardError, match="not empty"):
@@ -314,6 +350,19 @@ def test_ilsvrc_layout_with_kaggle_csv(imagenet_sample, tmp_path):
     _check_val(m, tmp_path / "out", truth)
 
 
+def test_val_labels_are_found_in_src_when_not_in_cwd(imagenet_sample, tmp_path, monkeypatch):
+    """The README's `--val-labels LOC_val_solution.csv` names the file in the data set's folder."""
+    wnids, truth = _ilsvrc_tree(tmp_path / "src", imagenet_sample)
+    (tmp_path / "src" / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(
+        f"{k},{w} 1 2 3 4\n" for k, w in truth.items()))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    m = make_shards(tmp_path / "src", tmp_path / "out", val_labels="LOC_val_solution.csv", progress=False)
+    _check_val(m, tmp_path / "out", truth)
+    with pytest.raises(ShardError, match="no such file in the current directory .* or in --src"):
+        make_shards(tmp_path / "src", tmp_path / "out2", val_labels="nope.csv", progress=False)
+
+
 def test_ilsvrc_layout_with_devkit_ground_truth(imagenet_sample, tmp_path):
     scipy_io = pytest.importorskip("scipy.io")
     wnids, truth = _ilsvrc_tree(tmp_path / "src", imagenet_sample)
@@ -391,9 +440,12 @@ def test_tar_header_equals_tarfiles(name, size):
     assert ms._tar_header(name, size) == ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
 
 
-def test_format_names_agree_with_pipeline_manifest():
-    assert (ms.FORMAT, ms.VERSION, ms.MANIFEST_NAME, ms.INDEX_VERSION) == (
-        pm.FORMAT, pm.VERSION, pm.MANIFEST_NAME, pm.INDEX_VERSION)
+def test_format_names_come_from_pipeline_manifest_without_torch():
+    """One definition of the format's names; importing it must not load torch (2.3 s in every worker)."""
+    assert (ms.FORMAT, ms.VERSION, ms.MANIFEST_NAME, ms.shard_stem) == (
+        pm.FORMAT, pm.VERSION, pm.MANIFEST_NAME, pm.shard_stem)
+    code = "import sys, tools.make_shards; assert 'torch' not in sys.modules, 'torch loaded'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def test_bad_arguments_say_what_to_do(synthetic_root, tmp_path):

@@ -137,7 +137,7 @@ def test_resume_auto_under_ddp_loads_rank0s_choice(tmp_path, monkeypatch):
     from train import dist
     from train.checkpoint import save_checkpoint
     from train.dist import DistInfo
-    from train.run import agree_on_resume
+    from train.trainer import agree_on_resume
 
     rank1 = DistInfo(rank=1, world_size=2)
     ckpt = save_checkpoint({"model": {}, "arch": "resnet18", "step": 7}, tmp_path / "epoch0001-step00000007.pt")

@@ -86,7 +86,26 @@ def test_resolve_cpu_precision():
 @pytest.mark.parametrize("key,value,message", [
     ("run.max_steps_per_epoch", -1, "max_steps_per_epoch=-1"), ("optim.backbone_lr_mult", -1, "backbone_lr_mult=-1"),
     ("data.val_resize_ratio", 0, "val_resize_ratio=0"), ("data.min_area", 2, "min_area=2"),
-    ("optim.momentum", -3, "momentum=-3"), ("optim.weight_decay", -1, "weight_decay=-1")])
+    ("optim.momentum", -3, "momentum=-3"), ("optim.weight_decay", -1, "weight_decay=-1"),
+    ("optim.optimizer", "adam", "expected one of sgd, adamw, lars, lamb"), ("optim.betas", [0.9], "two values"),
+    ("optim.grad_clip", -1, "grad_clip=-1"), ("optim.grad_accum", 0, "grad_accum=0"), ("optim.cutmix", -1, "cutmix=-1")])
 def test_out_of_range_values_are_refused(key, value, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, {"data.loader": "synthetic", key: value})
+
+
+@pytest.mark.parametrize("major,expected", [(7, "float16"), (8, "bfloat16"), (9, "bfloat16")])
+@pytest.mark.parametrize("old_torch", [False, True])
+def test_resolve_cuda_auto_precision_ignores_emulated_bf16(monkeypatch, major, expected, old_torch):
+    """V100/T4 (capability 7) emulate bf16, and is_bf16_supported() says True there: auto must pick fp16."""
+    def is_bf16_supported(including_emulation: bool = True):  # torch's semantics for a GPU of `major`
+        return major >= 8 or including_emulation
+
+    def old_is_bf16_supported():  # torch < 2.3 had no argument and counted emulation
+        return True
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", old_is_bf16_supported if old_torch else is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    cfg = load_config(None, {"data.loader": "synthetic"})
+    r = resolve(cfg, torch.device("cuda", 0))
+    assert r.precision.dtype == r.data.dtype == expected

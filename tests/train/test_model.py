@@ -46,3 +46,22 @@ def test_frozen_parameters_are_left_out():
     model.fc.weight.requires_grad_(True)
     groups = param_groups(model, 1e-4)
     assert [len(g["params"]) for g in groups] == [1]
+
+
+@pytest.mark.parametrize("device,fused", [("cpu", None), ("cuda", True)])
+def test_sgd_is_fused_on_cuda_only(monkeypatch, device, fused):
+    """On CUDA the fused SGD takes GradScaler's found_inf on the device (no .item() per fp16 step)."""
+    from train.config import load_config, resolve
+    from train.model import build_step_parts
+
+    made = {}
+
+    class SGD(torch.optim.SGD):
+        def __init__(self, params, **kw):
+            made.update(kw)
+            super().__init__(params, **{**kw, "fused": None})  # built on the CPU here either way
+
+    monkeypatch.setattr(torch.optim, "SGD", SGD)
+    cfg = resolve(load_config(None, {"data.loader": "synthetic", "precision.dtype": "float32"}), torch.device("cpu"))
+    build_step_parts(cfg, torch.nn.Linear(3, 2), torch.device(device))
+    assert made["fused"] is fused
