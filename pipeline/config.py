@@ -28,5 +28,6 @@ class DataConfig:
     drop_last: bool = False          # train: drop the partial last batch instead of yielding it
     dali_device: str = "auto"        # auto | gpu | cpu  (cpu = DALI CPU operators, device_id=None)
     seed: int = 0
+    verify: bool = False             # hash every shard against manifest.json before training (train.preflight)
     synthetic_samples: int = 0       # synthetic loader: samples per epoch per rank (0: 50 batches)
     synthetic_classes: int = 1000    # synthetic loader: label range

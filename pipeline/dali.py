@@ -51,8 +51,9 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .common import MEAN, STD, load_split, rank_batches, torch_dtype
+from .common import MEAN, STD, label_outside, load_split, rank_batches, read_label, torch_dtype
 from .config import DataConfig
+from .manifest import ManifestError, read_index
 
 # nvJPEG buffers sized for the largest ImageNet training image (NVIDIA's RN50 example), so the
 # decoder never reallocates, and device memory does not grow, during the first epoch.
@@ -106,7 +107,9 @@ def _graph(tars, indexes, *, train: bool, gpu: bool, size: int, resize_shorter: 
         images, mirror=mirror, mean=[255 * m for m in MEAN], std=[255 * s for s in STD],
         dtype=types.FLOAT16 if cfg.dtype == "float16" or (cfg.dtype == "bfloat16" and gpu) else types.FLOAT,
         output_layout="HWC", **crop)
-    outputs = [images, labels.gpu() if gpu else labels]
+    # On a GPU the labels also come out on the host, for the range check in DaliLoader._convert (B int64 per
+    # batch; checking the device copy would cost a host sync per step).
+    outputs = [images, labels.gpu(), labels] if gpu else [images, labels]
     if keys:  # tests only: "<tar>:<offset>:<key>.jpg", zero-padded to a dense batch
         outputs.append(fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0))
     return tuple(outputs)
@@ -198,7 +201,13 @@ class DaliLoader:
         # it for each evaluation redid the decoder's start-up every epoch).
         if (self._iter is None or self._built_resolution != self.resolution
                 or (self.train and self.epoch != self._first_epoch + self._epochs_done)):
-            self._build()
+            try:
+                self._build()  # the iterator runs the first batches here: a bad sample can fail already
+            except RuntimeError as e:
+                self._iter = self._pipe = None
+                if (why := self._explain(e)) is None:
+                    raise
+                raise RuntimeError(why) from e
         yield from self._epoch_batches()
 
     # --- internals ----------------------------------------------------------------------------
@@ -219,7 +228,7 @@ class DaliLoader:
             device_id=(self.device.index or 0) if self.gpu else None,
             prefetch_queue_depth=cfg.prefetch, seed=_seed(cfg.seed, self.epoch, self.rank, 1))
         pipe.build()
-        names = ["images", "labels"] + (["keys"] if self.keys else [])
+        names = ["images", "labels"] + (["host_labels"] if self.gpu else []) + (["keys"] if self.keys else [])
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         self._pipe = pipe
         self._iter = DALIGenericIterator([pipe], names, reader_name="Reader",
@@ -231,6 +240,11 @@ class DaliLoader:
         # NHWC -> NCHW view: the memory is already channels-last, so this is free.
         images = out["images"].permute(0, 3, 1, 2)
         images = images.to(self.device, self.dtype, non_blocking=True)
+        # An out-of-range label would make cross_entropy fail naming no sample (on a GPU: a device-side assert
+        # that ends the process), so it is checked first: one comparison over the batch's labels on the host.
+        host = out["host_labels" if self.gpu else "labels"]
+        if bool(((host < 0) | (host >= len(self.classes))).any()):
+            raise self._label_error(host)
         labels = out["labels"].reshape(-1).to(self.device, non_blocking=True)
         if not self.keys:
             return images, labels
@@ -274,6 +288,24 @@ class DaliLoader:
             raise RuntimeError(f"DALI yielded {yielded} batches on rank {self.rank}, expected "
                                f"{self._len}: ranks would fall out of step (please report this)")
 
+    def _label_error(self, labels: torch.Tensor):
+        """The error for a batch holding a label outside [0, classes): DALI does not say which sample it read,
+        so the split's labels are searched (this rank's range first), as for an undecodable sample."""
+        n = len(self.classes)
+        value = int(labels[(labels < 0) | (labels >= n)].reshape(-1)[0])
+        found = find_label_outside(self._search_order(), n, budget_s=SEARCH_BUDGET_S)
+        if found:
+            return label_outside(found[2], n, found[1], found[0])
+        return ManifestError(f"a batch of split {self.split_name!r} holds label {value}, outside [0, {n}) for the "
+                             f"{n} classes of {self.manifest.root / 'manifest.json'}; the sample was not found "
+                             f"within {SEARCH_BUDGET_S:.0f} s. Run `imt-verify-shards {self.manifest.root}`, then "
+                             "remake the shards with `imt-make-shards`")
+
+    def _search_order(self):
+        """The split's shards, this rank's own range first: where a bad sample of its batch most likely is."""
+        first = self.rank * len(self.split.shards) // self.world
+        return self.split.shards[first:] + self.split.shards[:first]
+
     def _explain(self, e: RuntimeError) -> str | None:
         """A message that says what to do, or None to let the error through as it is."""
         said = str(e)
@@ -285,9 +317,7 @@ class DaliLoader:
             return None  # not raised by a decoder: nothing to look for in the shards
         # DALI reports "nvImageCodec failure" without naming the sample, and its shuffle buffer
         # hides which one it was, so look for it: this rank's own range first.
-        first = self.rank * len(self.split.shards) // self.world
-        order = self.split.shards[first:] + self.split.shards[:first]
-        found = find_undecodable(order, budget_s=SEARCH_BUDGET_S)
+        found = find_undecodable(self._search_order(), budget_s=SEARCH_BUDGET_S)
         where = (f"sample {found[1]} in {found[0]} does not decode ({found[2]})" if found else
                  f"no undecodable sample found within {SEARCH_BUDGET_S:.0f} s of searching the "
                  f"{len(self.split.shards)} shards of split {self.split_name!r}")
@@ -301,6 +331,25 @@ _OUT_OF_MEMORY = re.compile(r"out of memory|cudaErrorMemoryAllocation|bad_alloc|
                             re.IGNORECASE)
 
 
+def find_label_outside(shards, num_classes: int, budget_s: float) -> tuple[str, str, int] | None:
+    """(tar, key, label) of the first sample whose .lbl is outside [0, num_classes), read through the
+    index; None if none is found within budget_s seconds."""
+    import time
+
+    deadline = time.monotonic() + budget_s
+    for shard in shards:
+        index = read_index(shard.index)
+        with open(shard.tar, "rb") as tar:
+            for i in range(len(index)):
+                offset, _, name = index.sample(i)["lbl"]
+                label = read_label(tar, offset)
+                if not 0 <= label < num_classes:
+                    return str(shard.tar), name.rsplit(".", 1)[0], label
+                if time.monotonic() > deadline:
+                    return None
+    return None
+
+
 def find_undecodable(shards, budget_s: float) -> tuple[str, str, str] | None:
     """(tar, key, error) of the first JPEG that libjpeg-turbo (DALI's CPU decoder) rejects,
     reading samples through their index; None if none is found within budget_s seconds."""
@@ -310,19 +359,16 @@ def find_undecodable(shards, budget_s: float) -> tuple[str, str, str] | None:
 
     deadline = time.monotonic() + budget_s
     for shard in shards:
-        with open(shard.index) as idx, open(shard.tar, "rb") as tar:
-            next(idx)  # header
-            for line in idx:
-                f = line.split()
-                for ext, offset, size, name in zip(f[0::4], f[1::4], f[2::4], f[3::4]):
-                    if ext != "jpg":
-                        continue
-                    tar.seek(int(offset))
-                    data = torch.frombuffer(bytearray(tar.read(int(size))), dtype=torch.uint8)
-                    try:
-                        decode_jpeg(data)
-                    except RuntimeError as e:
-                        return str(shard.tar), name.rsplit(".", 1)[0], str(e).strip()
+        index = read_index(shard.index)
+        with open(shard.tar, "rb") as tar:
+            for i in range(len(index)):
+                offset, size, name = index.sample(i)["jpg"]
+                tar.seek(offset)
+                data = torch.frombuffer(bytearray(tar.read(size)), dtype=torch.uint8)
+                try:
+                    decode_jpeg(data)
+                except RuntimeError as e:
+                    return str(shard.tar), name.rsplit(".", 1)[0], str(e).strip()
                 if time.monotonic() > deadline:
                     return None
     return None

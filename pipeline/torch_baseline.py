@@ -32,8 +32,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
-from .common import load_split, normalise, num_batches, rank_batches, torch_dtype
+from .common import label_outside, load_split, normalise, num_batches, rank_batches, read_label, torch_dtype
 from .config import DataConfig
+from .manifest import read_index
 
 
 def _seed(*parts: int) -> int:
@@ -46,18 +47,16 @@ def _seed(*parts: int) -> int:
 class ShardSource:
     """Random access to the samples of one split's shards through their index files."""
 
-    def __init__(self, split):
+    def __init__(self, split, num_classes: int):
+        self.num_classes = num_classes
         self.entries: list[tuple[int, int, int, int, str]] = []  # shard, offset, size, label, key
         self.tars = [str(s.tar) for s in split.shards]
         for si, shard in enumerate(split.shards):
-            with open(shard.index) as idx:
-                next(idx)
-                for line in idx:
-                    f = line.split()
-                    comp = {ext: (int(off), int(size), name)
-                            for ext, off, size, name in zip(f[0::4], f[1::4], f[2::4], f[3::4])}
-                    off, size, name = comp["jpg"]
-                    self.entries.append((si, off, size, comp["lbl"][0], name.rsplit(".", 1)[0]))
+            index = read_index(shard.index)
+            jpg, lbl, c = index.column("jpg"), index.column("lbl"), len(index.exts)
+            columns = (index.offsets[:, jpg].tolist(), index.sizes[:, jpg].tolist(), index.offsets[:, lbl].tolist())
+            for i, (off, size, lbl_off) in enumerate(zip(*columns)):
+                self.entries.append((si, off, size, lbl_off, index.names[i * c + jpg].rsplit(".", 1)[0]))
         self._files: dict[int, object] = {}  # opened lazily, per worker process
         self._labels: dict[int, int] = {}
 
@@ -70,8 +69,9 @@ class ShardSource:
     def read(self, i: int) -> tuple[torch.Tensor, int]:
         si, off, size, lbl_off, key = self.entries[i]
         f = self._files.get(si) or self._files.setdefault(si, open(self.tars[si], "rb"))
-        f.seek(lbl_off)
-        label = int.from_bytes(f.read(8), "little", signed=True)
+        label = read_label(f, lbl_off)
+        if not 0 <= label < self.num_classes:  # per sample, in the worker: names it before the loss fails
+            raise label_outside(label, self.num_classes, key, self.tars[si])
         f.seek(off)
         data = torch.frombuffer(bytearray(f.read(size)), dtype=torch.uint8)
         try:
@@ -237,7 +237,7 @@ class ShardLoader(_TorchLoader):
 
     def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False):
         manifest, sp = load_split(cfg.path, split)
-        super().__init__(ShardSource(sp), manifest.classes, cfg, dist, train=train, keys=keys)
+        super().__init__(ShardSource(sp, manifest.num_classes), manifest.classes, cfg, dist, train=train, keys=keys)
 
 
 class FolderLoader(_TorchLoader):

@@ -27,7 +27,7 @@ import click
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.manifest import INDEX_VERSION, Manifest, ManifestError, Shard, load_manifest, shard_stem_pattern
+from pipeline.manifest import Manifest, ManifestError, Shard, load_manifest, read_index, shard_stem_pattern
 from train.cli import CONTEXT
 from tools.make_shards import _jpeg_sof
 
@@ -53,20 +53,6 @@ def _read_tar(path: Path) -> list[tuple[str, int, int, bytes]]:
     return out
 
 
-def _read_index(path: Path) -> tuple[int, list[list[tuple[str, int, int, str]]]]:
-    lines = path.read_text().splitlines()
-    version, count = lines[0].split()
-    if version != INDEX_VERSION:
-        raise ValueError(f"index version {version!r}, expected {INDEX_VERSION}")
-    samples = []
-    for line in lines[1:]:
-        f = line.split()
-        if len(f) % 4:
-            raise ValueError(f"malformed index line {line!r}")
-        samples.append([(f[k], int(f[k + 1]), int(f[k + 2]), f[k + 3]) for k in range(0, len(f), 4)])
-    return int(count), samples
-
-
 def _check_image(data: bytes) -> str | None:
     try:
         with warnings.catch_warnings():
@@ -90,7 +76,8 @@ def _check_shard(m: Manifest, split: str, shard: Shard, first: int, layout: str,
         problems.append(f"{where}: sha256 differs from the manifest")
     try:
         members = _read_tar(shard.tar)
-        count, index = _read_index(shard.index)
+        index = read_index(shard.index)
+        count, index = index.count, [index.sample(i) for i in range(len(index))]
     except (OSError, ValueError, tarfile.TarError) as e:
         return problems + [f"{where}: unreadable ({e})"]
     groups: list[list[tuple[str, int, int, bytes]]] = []
@@ -109,7 +96,7 @@ def _check_shard(m: Manifest, split: str, shard: Shard, first: int, layout: str,
         if names != [f"{key}.{c}" for c in COMPONENTS]:
             problems.append(f"{where}: sample {n} has members {names}, expected {key}.{{{','.join(COMPONENTS)}}}")
             continue
-        if [(name.split(".", 1)[1], off, size, name) for name, off, size, _ in group] != entry:
+        if [(name.split(".", 1)[1], (off, size, name)) for name, off, size, _ in group] != list(entry.items()):
             problems.append(f"{where}: index line {n + 1} does not match the tar members of {key}")
         data = {name.split(".", 1)[1]: payload for name, _, _, payload in group}
         try:

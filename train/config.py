@@ -249,6 +249,8 @@ def validate(cfg: Config) -> None:
     _check(not (m.sync_bn and (m.freeze_bn or m.finetune == "linear")),
            "model.sync_bn with frozen BN statistics (--freeze-bn or --finetune linear): frozen statistics are "
            "never synchronised, so SyncBN does nothing there and would unfreeze them; drop model.sync_bn")
+    _check(not d.verify or d.loader in ("dali", "torch"), f"data.verify checks shards; loader {d.loader!r} reads "
+           "none (drop --verify, or make shards with imt-make-shards and use --loader dali or torch)")
     _check(d.batch_size > 0, f"data.batch_size={d.batch_size}: must be positive")
     _check(d.resolution >= 16 and d.val_resolution >= 16, "data.resolution/val_resolution: at least 16 px")
     _check(p.dtype in PRECISIONS, f"precision.dtype={p.dtype!r}: expected one of {', '.join(PRECISIONS)}")

@@ -95,10 +95,12 @@ def print_summary(summary: dict) -> None:
               "everything (backbone at optim.backbone_lr_mult x the lr), 'linear' only the new classifier.")
 @click.option("--freeze-bn/--no-freeze-bn", show_default=recipe_default('model.freeze_bn'),
               default=None, help="Keep BN statistics at their pretrained values.")
+@click.option("--verify", is_flag=True, default=None, help="Before training, hash every shard against manifest.json "
+              "(data.verify=true; the cost is printed).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override any config key, e.g. --set optim.ema_decay=0.9999 --set run.tta_flip=true.")
 def main(recipe, data_path, arch, epochs, batch_size, lr, resolution, loader, out, resume, precision, workers,
-         compile_, seed, device, pretrained, finetune, freeze_bn, sets):
+         compile_, seed, device, pretrained, finetune, freeze_bn, verify, sets):
     """Train an image classifier; metrics, checkpoints and reports go to --out."""
     options = {"data.path": data_path, "model.arch": arch, "run.epochs": epochs, "data.batch_size": batch_size,
                "optim.lr": lr, "data.resolution": resolution, "data.val_resolution": resolution,
@@ -106,7 +108,7 @@ def main(recipe, data_path, arch, epochs, batch_size, lr, resolution, loader, ou
                "data.loader": loader, "run.out": out, "run.resume": resume, "precision.dtype": precision,
                "data.workers": workers, "model.compile": compile_, "run.seed": seed, "data.seed": seed,
                "run.device": device, "model.pretrained": pretrained, "model.finetune": finetune,
-               "model.freeze_bn": freeze_bn}
+               "model.freeze_bn": freeze_bn, "data.verify": verify}
     overrides = {k: v for k, v in options.items() if v is not None}
     try:
         overrides.update(parse_override(s) for s in sets)  # --set wins over the named options

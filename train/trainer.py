@@ -23,6 +23,7 @@ from train.loop import NonFiniteLoss, train_one_epoch
 from train.mix import build_mix
 from train.model import build_model, build_step_parts, prepare, unwrap
 from train.monitor import MetricsLog, Progress
+from train.preflight import verify_data
 from train.runlock import locked_run
 from train.schedule import LRSchedule, describe_schedule, fit_schedule, peak_lr, resolution_at
 from train.state import Checkpoint, TrainState
@@ -124,6 +125,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     out = Path(run.out)
     seed_everything(run.seed, run.deterministic)  # same seed on every rank: identical initial weights
 
+    verify_data(cfg.data, info, say.write)  # data.verify / --verify: hash the shards first
     train_loader = build_loader(cfg.data, "train", info, train=True)
     val_loader = build_loader(cfg.data, "val", info, train=False)
     classes = list(train_loader.classes)
