@@ -51,7 +51,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .common import MEAN, STD, label_outside, load_split, rank_batches, read_label, torch_dtype
+from .common import MEAN, STD, Position, label_outside, load_split, rank_batches, read_label, torch_dtype
 from .config import DataConfig
 from .manifest import ManifestError, read_index
 
@@ -175,6 +175,9 @@ class DaliLoader:
         self._pipe = self._iter = None
         self._first_epoch = self._epochs_done = 0  # of the current pipeline
         self._built_resolution = None
+        self.pos = Position("dali", world=w, rank=self.rank, batch=b, drop_last=self.drop_last, seed=cfg.seed,
+                            samples=n)
+        self._left_at: dict | None = None  # the DALI checkpoint of a pipeline left mid-epoch (stop, step cap)
 
     # --- contract ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -196,19 +199,50 @@ class DaliLoader:
             raise ValueError("set_resolution is for training loaders; validation uses cfg.val_resolution")
         self.resolution = int(px)
 
+    def state_dict(self) -> dict:
+        """The position plus DALI's own checkpoint of the pipeline at that point (reader positions, shuffle
+        buffers, every random generator: `enable_checkpointing`), and what the pipeline was built with."""
+        extra = {"dali": b"", "built_epoch": self._first_epoch, "resolution": self._built_resolution or 0}
+        if self._left_at is not None and (self._left_at["epoch"], self._left_at["done"]) == \
+                (self.pos.epoch, self.pos.done):
+            extra.update(dali=self._left_at["dali"], built_epoch=self._left_at["built_epoch"],
+                         resolution=self._left_at["resolution"])
+        elif self._iter is not None and self.train:
+            extra["dali"] = self._checkpoint()
+        return self.pos.state_dict(**extra)
+
+    def load_state_dict(self, state: dict) -> str:
+        """Same ranks and batch size: the pipeline is rebuilt from DALI's checkpoint, so the epoch continues
+        with exactly the samples and augmentations the interrupted run would have produced next. DALI's
+        checkpoint restores only an identical pipeline, so with other ranks or batch size the epoch restarts."""
+        return self.pos.load(state, elastic=False)
+
+    def position(self) -> tuple[int, int]:
+        resume = self.pos.resume_for(self.epoch)
+        start = resume[1] if resume else 0
+        return start, self._len - start
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # Validation reads the same samples in the same order every pass: its pipeline is kept (rebuilding
-        # it for each evaluation redid the decoder's start-up every epoch).
-        if (self._iter is None or self._built_resolution != self.resolution
-                or (self.train and self.epoch != self._first_epoch + self._epochs_done)):
-            try:
-                self._build()  # the iterator runs the first batches here: a bad sample can fail already
-            except RuntimeError as e:
-                self._iter = self._pipe = None
-                if (why := self._explain(e)) is None:
-                    raise
-                raise RuntimeError(why) from e
-        yield from self._epoch_batches()
+        resume = self.pos.pending if self.pos.resume_for(self.epoch) else None
+        _, start = self.pos.begin(self.epoch)
+        self.pos.end = self._len
+        try:  # the iterator runs the first batches when it is built: a bad sample can fail already
+            if resume is not None and resume.get("dali") and int(resume["resolution"]) == self.resolution:
+                self._build(checkpoint=resume["dali"], built_epoch=int(resume["built_epoch"]))
+            elif resume is not None:  # made at another resolution: the uninterrupted run rebuilt here too
+                self.pos.done = start = 0
+                self._build()
+            # Validation reads the same samples in the same order every pass: its pipeline is kept (rebuilding
+            # it for each evaluation redid the decoder's start-up every epoch).
+            elif (self._iter is None or self._built_resolution != self.resolution
+                    or (self.train and self.epoch != self._first_epoch + self._epochs_done)):
+                self._build()
+        except RuntimeError as e:
+            self._iter = self._pipe = None
+            if (why := self._explain(e)) is None:
+                raise
+            raise RuntimeError(why) from e
+        yield from self._epoch_batches(start)
 
     # --- internals ----------------------------------------------------------------------------
     def _share(self) -> tuple[int, int]:
@@ -216,25 +250,33 @@ class DaliLoader:
         n, w, r = self.split.num_samples, self.world, self.rank
         return n * r // w, n * (r + 1) // w
 
-    def _build(self) -> None:
+    def _build(self, checkpoint: bytes | None = None, built_epoch: int | None = None) -> None:
+        """A pipeline seeded by (seed, epoch) whose stream starts at this epoch; or, from `checkpoint`, the
+        pipeline first built at `built_epoch` (same seeds) restored to where its checkpoint was taken."""
         self._iter = self._pipe = None  # free the old pipeline (and its GPU buffers) first
+        self._left_at = None
         cfg, size = self.cfg, self.resolution
+        first = self.epoch if built_epoch is None else built_epoch
         pipe = _graph(
             self.split.tars, self.split.indexes, train=self.train, gpu=self.gpu, size=size,
             resize_shorter=int(cfg.val_resolution / cfg.val_resize_ratio), cfg=cfg,
             shard_id=self.rank, num_shards=self.world,
-            reader_seed=_seed(cfg.seed, self.epoch, self.rank), order_seed=_seed(cfg.seed, self.epoch),
+            reader_seed=_seed(cfg.seed, first, self.rank), order_seed=_seed(cfg.seed, first),
             keys=self.keys, batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
             device_id=(self.device.index or 0) if self.gpu else None,
-            prefetch_queue_depth=cfg.prefetch, seed=_seed(cfg.seed, self.epoch, self.rank, 1))
+            prefetch_queue_depth=cfg.prefetch, seed=_seed(cfg.seed, first, self.rank, 1),
+            enable_checkpointing=self.train, checkpoint=checkpoint or None)
         pipe.build()
         names = ["images", "labels"] + (["host_labels"] if self.gpu else []) + (["keys"] if self.keys else [])
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         self._pipe = pipe
         self._iter = DALIGenericIterator([pipe], names, reader_name="Reader",
                                          last_batch_policy=policy, auto_reset=False)
-        self._first_epoch, self._epochs_done = self.epoch, 0
+        self._first_epoch, self._epochs_done = first, self.epoch - first
         self._built_resolution = size
+
+    def _checkpoint(self) -> bytes:
+        return self._iter.checkpoints()[0]  # serialized protobuf (a few hundred bytes)
 
     def _convert(self, out: dict):
         # NHWC -> NCHW view: the memory is already channels-last, so this is free.
@@ -252,26 +294,39 @@ class DaliLoader:
                 for k in out["keys"]]
         return images, labels, keys
 
-    def _epoch_batches(self):
+    def _epoch_batches(self, yielded: int = 0):
         start, stop = self._share()
         b = self.cfg.batch_size
         # This rank's real batches; fewer than len(self) only in the empty-trailing-batch case.
         mine = self._len if self.drop_last else math.ceil((stop - start) / b)
-        yielded, finished = 0, False
+        finished = False
         try:
             for out in self._iter:
                 batch = self._convert(out[0])
                 n = batch[1].shape[0]
-                if yielded == self._len or n == 0:
-                    continue  # DALI's all-padding batch, or (drop_last) batches past the end: drain
+                if n == 0:
+                    continue  # DALI's all-padding batch
+                pieces = [batch]
                 if mine < self._len and yielded == mine - 1:
                     # Split the last full batch so this rank also yields len(self) batches.
                     half = (n + 1) // 2
-                    yield tuple(x[:half] for x in batch)
-                    batch = tuple(x[half:] for x in batch)
+                    pieces = [tuple(x[:half] for x in batch), tuple(x[half:] for x in batch)]
+                for piece in pieces:
+                    if yielded + 1 == self._len:
+                        # The epoch's last batch: run DALI's iterator to its end (padding, or with drop_last
+                        # the batches past it) and reset it before handing the batch out, so the next epoch
+                        # continues the stream instead of rebuilding the pipeline, whether or not the
+                        # consumer asks for another batch. Its tensors are the iterator's new ones.
+                        for _ in self._iter:
+                            pass
+                        self._iter.reset()
+                        self._epochs_done += 1
+                        finished = True
                     yielded += 1
-                yield batch
-                yielded += 1
+                    self.pos.step()
+                    yield piece
+                if finished:
+                    break
             finished = True
         except RuntimeError as e:
             why = self._explain(e)
@@ -279,11 +334,15 @@ class DaliLoader:
                 raise
             raise RuntimeError(why) from e
         finally:
-            if finished:
-                self._iter.reset()
-                self._epochs_done += 1
-            else:  # loop left mid-epoch (break, error): DALI cannot rewind, start afresh next time
-                self._iter = self._pipe = None
+            if not finished:  # loop left mid-epoch (stop, step cap, error): keep DALI's checkpoint of this point
+                self._left_at = None
+                if self._iter is not None and self.train:
+                    try:
+                        self._left_at = {"epoch": self.pos.epoch, "done": self.pos.done, "dali": self._checkpoint(),
+                                         "built_epoch": self._first_epoch, "resolution": self._built_resolution}
+                    except RuntimeError:
+                        pass  # the pipeline failed: nothing to resume from but the epoch's start
+                self._iter = self._pipe = None  # DALI cannot rewind: start afresh (or from that checkpoint)
         if yielded != self._len:
             raise RuntimeError(f"DALI yielded {yielded} batches on rank {self.rank}, expected "
                                f"{self._len}: ranks would fall out of step (please report this)")
