@@ -39,6 +39,7 @@ Choices, with reasons:
   prefetches the next epoch's first batches before the loop can call set_resolution, so they
   would come out at the old size. Progressive resizing changes size a handful of times per run,
   and a rebuild costs a pipeline start (about 0.2 s on the CPU here) plus refilling the buffer.
+- GPU outputs are copied into tensors torch allocates (`exec_dynamic=False`, see `executor_args`).
 """
 from __future__ import annotations
 
@@ -145,6 +146,34 @@ def use_gpu(cfg: DataConfig, device: torch.device) -> bool:
     return cfg.dali_device != "cpu" and device.type == "cuda"
 
 
+def executor_args(gpu_outputs: bool) -> dict:
+    """DALI executor settings: a pipeline with GPU outputs runs DALI's classic executor.
+
+    DALI 2.4's default dynamic executor makes DALIGenericIterator hand out zero-copy DLPack views of DALI's
+    own buffers (nvidia/dali/plugin/pytorch/__init__.py: `copy = not is_exec_dynamic`). When torch drops the
+    last reference, the DLPack deleter returns the buffer to DALI in *DALI's* stream order, while the host has
+    run ahead and torch's kernels that read the batch (the cast, the loss reading the labels, backward reading
+    the first convolution's input) may still be queued on torch's stream: a later batch could overwrite them.
+    DLPack cannot pass the consumer's stream to the deleter (dmlc/dlpack#176); DALI had the same class of bug
+    in its JAX plugin (NVIDIA/DALI#5617).
+
+    With `exec_dynamic=False` the iterator allocates each output with torch (`torch.empty` on the caching
+    allocator, so torch's own stream-ordered lifetime rules apply) and copies into it on torch's current
+    stream (`feed_ndarray(..., cuda_stream=torch.cuda.current_stream())`); DALI's `copy_to_external` makes
+    that stream wait for the data and then makes the source buffer's order wait for the copy
+    (dali/python/backend_impl.cc, CopyToExternalImplGPU: `wait_order.wait(copy_order)`), so DALI cannot
+    recycle its buffer before the copy has run either. Safe by construction, for one device-to-device copy
+    per batch (77 MB at 256 x 224 x 224 x 3 float16: well under a millisecond at H100 bandwidth; not yet
+    measured here). The other fix, keeping each batch's DALI outputs alive until a CUDA event recorded after
+    torch's last use of them has completed, needs the loader to learn when the training step is done with a
+    batch, which the Loader contract does not tell it.
+
+    CPU-only pipelines keep the dynamic executor: their outputs are host memory that torch's CPU operators are
+    done with when they return, and a copy to a GPU from pageable host memory has staged its source before it
+    returns."""
+    return {"exec_dynamic": False} if gpu_outputs else {}
+
+
 class DaliLoader:
     """The Loader contract over a DALI pipeline (see the module docstring for the semantics)."""
 
@@ -217,7 +246,8 @@ class DaliLoader:
             reader_seed=_seed(cfg.seed, self.epoch, self.rank), order_seed=_seed(cfg.seed, self.epoch),
             keys=self.keys, batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
             device_id=(self.device.index or 0) if self.gpu else None,
-            prefetch_queue_depth=cfg.prefetch, seed=_seed(cfg.seed, self.epoch, self.rank, 1))
+            prefetch_queue_depth=cfg.prefetch, seed=_seed(cfg.seed, self.epoch, self.rank, 1),
+            **executor_args(self.gpu))
         pipe.build()
         names = ["images", "labels"] + (["keys"] if self.keys else [])
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
