@@ -1,6 +1,15 @@
 """DALI loader: webdataset shards -> decode + random crop -> resize -> flip + normalise, on the
 GPU ("mixed" nvJPEG decode) or, with no GPU, the same graph with CPU operators (device_id=None).
 
+Where the stages run, by data.dali_device (see `placement`):
+    gpu          decode "mixed" (nvJPEG, hardware decoder), resize/flip/normalise on the GPU
+    cpu-decode   decode + random crop on CPU threads (libjpeg-turbo), the uint8 crop crosses to the GPU,
+                 resize/flip/normalise on the GPU: NVIDIA's DeepLearningExamples "dali-cpu" backend, which
+                 leaves the GPU's decoders to the model (recommended there for ResNet-50 on DGX A100)
+    cpu          everything on CPU threads; with a GPU to train on, the pipeline emits uint8 (a quarter of
+                 float32's bytes) and pipeline.common.normalise runs on the GPU
+    auto         gpu with a CUDA training device, cpu otherwise
+
     loader = DaliLoader(cfg, "train", dist, train=True)
     for images, labels in loader: ...     # N x 3 x H x W channels-last, cfg.dtype, on dist.device
 
@@ -10,9 +19,7 @@ Choices, with reasons:
 - bfloat16: DALI 2.4 has no BFLOAT16 type (types.DALIDataType lists FLOAT16, FLOAT, FLOAT64), so
   the graph emits float16 on the GPU (half the bytes of float32; normalised values lie in
   [-2.2, 2.7], far inside fp16's range and finer than bf16's 8-bit mantissa) and the wrapper casts
-  on the device. On the CPU it emits float32: torch casts fp32 -> bf16 twice as fast as
-  fp16 -> bf16 (9.8 vs 19.3 ms per 64 x 224 px batch on one core here), and that cast runs on
-  the main thread.
+  on the device. A CPU graph emits float32 for CPU training and uint8 for a GPU (`output_type`).
 - Exactly once per epoch across ranks: the reader shards by sample range (rank r reads
   [N*r//W, N*(r+1)//W)), `pad_last_batch=True` pads every rank to the largest share and the
   iterator's `reader_name` trims the padding. Measured (1-7 ranks, shuffled or not): every key
@@ -52,7 +59,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .common import MEAN, STD, load_split, rank_batches, torch_dtype
+from .common import MEAN, STD, load_split, normalise, rank_batches, torch_dtype
 from .config import DataConfig
 
 # nvJPEG buffers sized for the largest ImageNet training image (NVIDIA's RN50 example), so the
@@ -71,9 +78,9 @@ def _seed(*parts: int) -> int:
 
 
 @pipeline_def(enable_conditionals=False)
-def _graph(tars, indexes, *, train: bool, gpu: bool, size: int, resize_shorter: int,
-           cfg: DataConfig, shard_id: int, num_shards: int, reader_seed: int, order_seed: int,
-           keys: bool):
+def _graph(tars, indexes, *, train: bool, decode: str, augment_gpu: bool, out_type, size: int,
+           resize_shorter: int, cfg: DataConfig, shard_id: int, num_shards: int, reader_seed: int,
+           order_seed: int, keys: bool):
     reader_args = dict(random_shuffle=True, initial_fill=cfg.shuffle_buffer, seed=reader_seed,
                        shuffle_after_epoch=True, shuffle_after_epoch_seed=order_seed) if train else \
         dict(stick_to_shard=True)
@@ -85,12 +92,14 @@ def _graph(tars, indexes, *, train: bool, gpu: bool, size: int, resize_shorter: 
                        device_memory_padding=DEVICE_MEMORY_PADDING,
                        host_memory_padding=HOST_MEMORY_PADDING,
                        preallocate_width_hint=PREALLOCATE_WIDTH,
-                       preallocate_height_hint=PREALLOCATE_HEIGHT) if gpu else dict(device="cpu")
+                       preallocate_height_hint=PREALLOCATE_HEIGHT) if decode == "mixed" else dict(device="cpu")
+    to_gpu = augment_gpu and decode == "cpu"  # cpu-decode: the uint8 decoded crop crosses here
     if train:
         images = fn.decoders.image_random_crop(
             jpegs, output_type=types.RGB, random_area=[cfg.min_area, 1.0],
             random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, adjust_orientation=False,
             **decode_args)
+        images = images.gpu() if to_gpu else images
         # Antialiased bilinear, as torchvision's RandomResizedCrop (antialias=True).
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
                            antialias=True)
@@ -99,15 +108,14 @@ def _graph(tars, indexes, *, train: bool, gpu: bool, size: int, resize_shorter: 
     else:
         images = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False,
                                    **decode_args)
+        images = images.gpu() if to_gpu else images
         resize, crop = _torchvision_resize_crop(
             fn.peek_image_shape(jpegs, adjust_orientation=False), resize_shorter, size)
         images = fn.resize(images, **resize, interp_type=types.INTERP_LINEAR, antialias=True)
         mirror = 0
-    images = fn.crop_mirror_normalize(
-        images, mirror=mirror, mean=[255 * m for m in MEAN], std=[255 * s for s in STD],
-        dtype=types.FLOAT16 if cfg.dtype == "float16" or (cfg.dtype == "bfloat16" and gpu) else types.FLOAT,
-        output_layout="HWC", **crop)
-    outputs = [images, labels.gpu() if gpu else labels]
+    norm = {} if out_type == types.UINT8 else dict(mean=[255 * m for m in MEAN], std=[255 * s for s in STD])
+    images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=out_type, output_layout="HWC", **norm, **crop)
+    outputs = [images, labels.gpu() if augment_gpu else labels]
     if keys:  # tests only: "<tar>:<offset>:<key>.jpg", zero-padded to a dense batch
         outputs.append(fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0))
     return tuple(outputs)
@@ -137,13 +145,35 @@ def _torchvision_resize_crop(shape, short: int, size: int) -> tuple[dict, dict]:
     return resize, crop
 
 
-def use_gpu(cfg: DataConfig, device: torch.device) -> bool:
-    if cfg.dali_device not in ("auto", "gpu", "cpu"):
-        raise ValueError(f"DataConfig.dali_device={cfg.dali_device!r}: expected auto, gpu or cpu")
-    if cfg.dali_device == "gpu" and device.type != "cuda":
-        raise ValueError(f"DataConfig.dali_device='gpu' but the training device is {device}; "
-                         "use dali_device='cpu' (or 'auto') without a GPU")
-    return cfg.dali_device != "cpu" and device.type == "cuda"
+DALI_DEVICES = ("auto", "gpu", "cpu-decode", "cpu")
+
+
+def placement(cfg: DataConfig, device: torch.device) -> tuple[str, bool]:
+    """(decoder device "mixed" | "cpu", whether resize/flip/normalise run on the GPU) for data.dali_device
+    on the training `device` (the table in the module docstring)."""
+    mode = cfg.dali_device
+    if mode not in DALI_DEVICES:
+        raise ValueError(f"DataConfig.dali_device={mode!r}: expected one of {', '.join(DALI_DEVICES)}")
+    if mode in ("gpu", "cpu-decode") and device.type != "cuda":
+        raise ValueError(f"DataConfig.dali_device={mode!r} puts {'decoding and ' if mode == 'gpu' else ''}"
+                         f"resize/flip/normalise on a GPU, but the training device is {device}; use "
+                         "dali_device='cpu' (or 'auto') without a GPU")
+    if mode == "auto":
+        mode = "gpu" if device.type == "cuda" else "cpu"
+    return {"gpu": ("mixed", True), "cpu-decode": ("cpu", True), "cpu": ("cpu", False)}[mode]
+
+
+def output_type(cfg: DataConfig, augment_gpu: bool, device: torch.device):
+    """The DALI dtype the graph emits. On the GPU float16 for bf16/fp16 runs (DALI has no bfloat16; the
+    wrapper casts on the device), else float32. A CPU graph feeding a GPU emits uint8 (a quarter of float32's
+    bytes through the host-to-device copy; normalised there). A CPU graph for CPU training normalises in
+    DALI's threads and emits float32, which torch casts to bf16 twice as fast as float16 (9.8 vs 19.3 ms per
+    64 x 224 px batch on one core here)."""
+    if augment_gpu:
+        return types.FLOAT16 if cfg.dtype in ("float16", "bfloat16") else types.FLOAT
+    if device.type == "cuda":
+        return types.UINT8
+    return types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT
 
 
 def executor_args(gpu_outputs: bool) -> dict:
@@ -182,7 +212,8 @@ class DaliLoader:
         self.rank, self.world, self.device = dist.rank, dist.world_size, torch.device(dist.device)
         self.manifest, self.split = load_split(cfg.path, split)
         self.classes = self.manifest.classes
-        self.gpu = use_gpu(cfg, self.device)
+        self.decode, self.gpu = placement(cfg, self.device)  # gpu: the pipeline's outputs are on the GPU
+        self.out_type = output_type(cfg, self.gpu, self.device)
         self.dtype = torch_dtype(cfg.dtype)
         self.drop_last = train and cfg.drop_last
         self.resolution = cfg.resolution if train else cfg.val_resolution
@@ -240,7 +271,8 @@ class DaliLoader:
         self._iter = self._pipe = None  # free the old pipeline (and its GPU buffers) first
         cfg, size = self.cfg, self.resolution
         pipe = _graph(
-            self.split.tars, self.split.indexes, train=self.train, gpu=self.gpu, size=size,
+            self.split.tars, self.split.indexes, train=self.train, decode=self.decode,
+            augment_gpu=self.gpu, out_type=self.out_type, size=size,
             resize_shorter=int(cfg.val_resolution / cfg.val_resize_ratio), cfg=cfg,
             shard_id=self.rank, num_shards=self.world,
             reader_seed=_seed(cfg.seed, self.epoch, self.rank), order_seed=_seed(cfg.seed, self.epoch),
@@ -260,7 +292,10 @@ class DaliLoader:
     def _convert(self, out: dict):
         # NHWC -> NCHW view: the memory is already channels-last, so this is free.
         images = out["images"].permute(0, 3, 1, 2)
-        images = images.to(self.device, self.dtype, non_blocking=True)
+        if images.dtype == torch.uint8:  # dali_device=cpu feeding a GPU: normalise there
+            images = normalise(images.to(self.device, non_blocking=True), self.dtype)
+        else:
+            images = images.to(self.device, self.dtype, non_blocking=True)
         labels = out["labels"].reshape(-1).to(self.device, non_blocking=True)
         if not self.keys:
             return images, labels
