@@ -69,6 +69,21 @@ HOST_MEMORY_PADDING = 140_544_512
 PREALLOCATE_WIDTH, PREALLOCATE_HEIGHT = 5980, 6430
 
 
+def decoder_args(cfg: DataConfig, decode: str, train: bool) -> dict:
+    """The decoder's device and nvJPEG settings. The paddings are per DALI thread (211 MB of device memory
+    and 2 x 140 MB of pinned host memory each: at 16 threads 3.4 GB and 4.5 GB) and only the training
+    pipeline, which decodes every image of every epoch, gets them, as in NVIDIA's RN50 example. The validation
+    pipeline keeps DALI's defaults (16 MB device, 2 x 8 MB pinned host per thread): it decodes one pass per
+    evaluation, so nvJPEG growing its buffers during the first pass costs little."""
+    if decode != "mixed":
+        return dict(device="cpu")
+    if not train:
+        return dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load)
+    return dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load, device_memory_padding=DEVICE_MEMORY_PADDING,
+                host_memory_padding=HOST_MEMORY_PADDING, preallocate_width_hint=PREALLOCATE_WIDTH,
+                preallocate_height_hint=PREALLOCATE_HEIGHT)
+
+
 def _seed(*parts: int) -> int:
     """Deterministic 31-bit seed from integers (DALI takes a non-negative int)."""
     s = 0x9E3779B9
@@ -88,11 +103,7 @@ def _graph(tars, indexes, *, train: bool, decode: str, augment_gpu: bool, out_ty
         paths=tars, index_paths=indexes, ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT64],
         shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name="Reader",
         missing_component_behavior="error", **reader_args)
-    decode_args = dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load,
-                       device_memory_padding=DEVICE_MEMORY_PADDING,
-                       host_memory_padding=HOST_MEMORY_PADDING,
-                       preallocate_width_hint=PREALLOCATE_WIDTH,
-                       preallocate_height_hint=PREALLOCATE_HEIGHT) if decode == "mixed" else dict(device="cpu")
+    decode_args = decoder_args(cfg, decode, train)
     to_gpu = augment_gpu and decode == "cpu"  # cpu-decode: the uint8 decoded crop crosses here
     if train:
         images = fn.decoders.image_random_crop(
@@ -267,8 +278,16 @@ class DaliLoader:
         n, w, r = self.split.num_samples, self.world, self.rank
         return n * r // w, n * (r + 1) // w
 
+    def _free(self) -> None:
+        """Shut the pipeline down now (DALI's own teardown, what Pipeline.__del__ runs), so its nvJPEG
+        buffers (device and pinned host, per thread) are released before another pipeline allocates its own,
+        not whenever Python collects the old objects."""
+        if self._pipe is not None:
+            self._pipe._shutdown()
+        self._iter = self._pipe = None
+
     def _build(self) -> None:
-        self._iter = self._pipe = None  # free the old pipeline (and its GPU buffers) first
+        self._free()  # the old pipeline's buffers go before the new one's are allocated
         cfg, size = self.cfg, self.resolution
         pipe = _graph(
             self.split.tars, self.split.indexes, train=self.train, decode=self.decode,
@@ -334,7 +353,7 @@ class DaliLoader:
                 self._iter.reset()
                 self._epochs_done += 1
             else:  # loop left mid-epoch (break, error): DALI cannot rewind, start afresh next time
-                self._iter = self._pipe = None
+                self._free()
         if yielded != self._len:
             raise RuntimeError(f"DALI yielded {yielded} batches on rank {self.rank}, expected "
                                f"{self._len}: ranks would fall out of step (please report this)")
@@ -346,8 +365,12 @@ class DaliLoader:
             return (f"DALI ran out of memory on rank {self.rank}: lower --batch-size (per GPU), or "
                     f"data.prefetch ({self.cfg.prefetch}), or the hardware decoder's share "
                     f"(data.hw_decoder_load={self.cfg.hw_decoder_load}).\nDALI said:\n{e}")
-        if "decoders." not in said and "codec" not in said.lower():
-            return None  # not raised by a decoder: nothing to look for in the shards
+        if _MISSING_LIBRARY.search(said):  # no sample is at fault: searching the shards would only delay this
+            return (f"DALI could not load a library it needs (its decoders use nvImageCodec, and nvJPEG on the "
+                    f"GPU): install the one named below for DALI's CUDA version, e.g. `pip install "
+                    f"nvidia-nvimgcodec-cu12` (-cu13 for DALI's CUDA 13 build).\nDALI said:\n{e}")
+        if "decoders." not in said or not _DECODE_FAILURE.search(said):
+            return None  # not a decoder failing on its input: nothing to look for in the shards
         # DALI reports "nvImageCodec failure" without naming the sample, and its shuffle buffer
         # hides which one it was, so look for it: this rank's own range first.
         first = self.rank * len(self.split.shards) // self.world
@@ -362,6 +385,16 @@ class DaliLoader:
 
 
 SEARCH_BUDGET_S = 120.0  # time spent naming the bad sample after a decode failure
+# A decoder rejecting its input (what a bad sample causes), e.g. "nvImageCodec failure: '#3'" from DALI 2.4's
+# CPU decoder on a corrupt JPEG (seen here); other errors raised in a decoder (CUDA errors, arguments) are not.
+_DECODE_FAILURE = re.compile(r"nvImageCodec failure|nvjpeg.{0,20}(error|status)|failed to decode|cannot decode|"
+                             r"could not decode|unsupported (image|format|jpeg)|corrupt|invalid (jpeg|marker|image)",
+                             re.IGNORECASE)
+# Libraries that did not load: DALI's "dlopen libnvimgcodec.so failed!. Please install nvimagecodec ..."
+# (dali/nvimgcodec/nvimgcodec_wrap.cc), the loader's own "cannot open shared object file", a too-old version.
+_MISSING_LIBRARY = re.compile(r"dlopen|cannot open shared object|please install|could not load (the )?librar|"
+                              r"failed to load (the )?librar|undefined symbol|requires nvimagecodec|"
+                              r"nvimagecodec.{0,40}(version|not (found|available|installed))", re.IGNORECASE)
 _OUT_OF_MEMORY = re.compile(r"out of memory|cudaErrorMemoryAllocation|bad_alloc|CUDA_ERROR_OUT_OF_MEMORY",
                             re.IGNORECASE)
 

@@ -114,3 +114,49 @@ def test_uint8_output_normalised_by_torch_equals_dalis_normalisation(monkeypatch
     for g, w in zip(got, want):
         assert g.dtype == torch.float32 and g.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+
+
+def test_validation_decoder_gets_dalis_default_paddings():
+    """nvJPEG's paddings are per thread (211 MB device + 2 x 140 MB pinned host each): training only."""
+    cfg = DataConfig(hw_decoder_load=0.5)
+    train, val = dali.decoder_args(cfg, "mixed", True), dali.decoder_args(cfg, "mixed", False)
+    assert train["device_memory_padding"] == dali.DEVICE_MEMORY_PADDING and train["preallocate_width_hint"] > 0
+    assert val == {"device": "mixed", "hw_decoder_load": 0.5}
+    assert dali.decoder_args(cfg, "cpu", True) == {"device": "cpu"}
+
+
+def test_rebuild_shuts_the_old_pipeline_down_first(monkeypatch, synthetic_shards):
+    """A resolution change rebuilds the training pipeline: the old one's decoder buffers are released
+    before the new pipeline is made, not whenever Python collects it."""
+    cfg = DataConfig(path=str(synthetic_shards), batch_size=8, resolution=32, val_resolution=32, workers=1,
+                     shuffle_buffer=32, dali_device="cpu", dtype="float32")
+    loader = dali.DaliLoader(cfg, "train", DistInfo(), train=True)
+    for _ in loader:
+        pass
+    old = loader._pipe
+    real, seen = dali._graph, []
+    monkeypatch.setattr(dali, "_graph", lambda *a, **k: (seen.append(old._pipe is None), real(*a, **k))[1])
+    loader.set_resolution(48)
+    assert next(iter(loader))[0].shape[-1] == 48
+    assert seen == [True]  # shut down (DALI's backend pipeline gone) when the new graph was defined
+
+
+@pytest.mark.parametrize("said", [
+    "Error in MIXED operator `nvidia.dali.fn.decoders.image_random_crop`: dlopen libnvimgcodec.so failed!. "
+    "Please install nvimagecodec: ... `pip install nvidia-nvimgcodec-cu13`",
+    "Error in CPU operator `nvidia.dali.fn.decoders.image`: libnvjpeg.so.12: cannot open shared object file"])
+def test_missing_decoder_library_is_said_without_searching(monkeypatch, said):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(dali, "find_undecodable", lambda *a, **k: pytest.fail("searched the shards"))
+    msg = dali.DaliLoader._explain(SimpleNamespace(rank=0, cfg=DataConfig()), RuntimeError(said))
+    assert "could not load a library" in msg and "pip install nvidia-nvimgcodec-cu12" in msg and said in msg
+
+
+def test_decoder_errors_that_are_not_decode_failures_pass_through(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(dali, "find_undecodable", lambda *a, **k: pytest.fail("searched the shards"))
+    err = RuntimeError("Error in MIXED operator `nvidia.dali.fn.decoders.image`: CUDA error "
+                       "cudaErrorIllegalAddress: an illegal memory access was encountered")
+    assert dali.DaliLoader._explain(SimpleNamespace(rank=0, cfg=DataConfig()), err) is None
