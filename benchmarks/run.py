@@ -70,7 +70,7 @@ from pipeline.config import DataConfig
 from train.config import Config, ConfigError, load_config, parse_override, resolve
 from train.dist import single
 from train.loop import train_step
-from train.model import build_model, build_step_parts, prepare
+from train.model import build_model, build_step_parts, compile_model, prepare
 from train.run import seed_everything
 
 # Benchmark loader name -> DataConfig fields.
@@ -182,7 +182,7 @@ class Step:
         model = build_model(cfg.model.arch, num_classes, zero_init_residual=cfg.model.zero_init_residual)
         self.model = prepare(model, device)
         self.parts = build_step_parts(cfg, self.model, device)
-        self.net = torch.compile(self.model) if compiled else self.model
+        self.net = compile_model(self.model) if compiled else self.model
         self.net.train()
         self.loss: torch.Tensor | None = None
 
