@@ -24,8 +24,8 @@ time goes (host blocked on data, host-to-device copies, synchronisation, kernels
 30,000 samples (about 3 GB of JPEGs) keep the page cache warm and epochs long enough that DALI's shuffle
 buffer (4096) and the DataLoader's worker start-up do not dominate; `--cache` keeps them between runs.
 
-What is measured, per loader (dali-mixed: nvJPEG/hardware decode on the GPU; dali-cpu: DALI's CPU
-operators; torch: torchvision DataLoader over the same shards; folder: torchvision ImageFolder DataLoader
+What is measured, per loader (dali-mixed: nvJPEG/hardware decode on the GPU; dali-cpu-decode: CPU decode and
+crop, GPU resize/flip/normalise; dali-cpu: DALI's CPU operators; torch: torchvision DataLoader over the same shards; folder: torchvision ImageFolder DataLoader
 over the replicated class-per-folder tree):
 1. pipeline-only images/sec: batches drawn from pipeline.build_loader exactly as the trainer draws them
    (training augmentation, normalised, channels-last, on the device);
@@ -71,12 +71,13 @@ from train.cli import CONTEXT
 from train.config import Config, ConfigError, load_config, parse_override, resolve
 from train.dist import single
 from train.loop import train_step
-from train.model import build_model, build_step_parts, prepare
+from train.model import build_model, build_step_parts, compile_model, prepare
 from train.run import seed_everything
 
 # Benchmark loader name -> DataConfig fields.
 LOADERS: dict[str, dict] = {
     "dali-mixed": {"loader": "dali", "dali_device": "gpu"},
+    "dali-cpu-decode": {"loader": "dali", "dali_device": "cpu-decode"},  # CPU decode + crop, GPU augment
     "dali-cpu": {"loader": "dali", "dali_device": "cpu"},
     "torch": {"loader": "torch"},
     "folder": {"loader": "folder"},
@@ -153,6 +154,8 @@ def unavailable(kind: str, device: torch.device, data: BenchData) -> str | None:
             return "nvidia-dali is not installed (pip install nvidia-dali-cuda120, or -cuda130 for CUDA 13)"
         if kind == "dali-mixed" and device.type != "cuda":
             return "no CUDA device: DALI's mixed (nvJPEG) decode needs a GPU"
+        if kind == "dali-cpu-decode" and device.type != "cuda":
+            return "no CUDA device: dali-cpu-decode resizes, flips and normalises on the GPU"
     if kind == "folder" and data.folder is None:
         return "no ImageFolder tree: pass --folder ROOT (holding train/<class>/*.JPEG) with --data"
     return None
@@ -180,7 +183,7 @@ class Step:
         model = build_model(cfg.model.arch, num_classes, zero_init_residual=cfg.model.zero_init_residual)
         self.model = prepare(model, device)
         self.parts = build_step_parts(cfg, self.model, device)
-        self.net = torch.compile(self.model) if compiled else self.model
+        self.net = compile_model(self.model) if compiled else self.model
         self.net.train()
         self.loss: torch.Tensor | None = None
 
@@ -385,7 +388,8 @@ def profile_train(cfg: DataConfig, step: Step, device: torch.device, bench: Benc
             **({"self_device_s": round(_event_time(e, "self_device_time_total") * us, 5)} if cuda else {}),
             "calls": e.count}
            for e in sorted(avgs, key=lambda e: -_event_time(e, "self_device_time_total" if cuda else "self_cpu_time_total"))[:15]]
-    return {"loader": cfg.loader if cfg.loader != "dali" else f"dali-{'mixed' if cfg.dali_device == 'gpu' else 'cpu'}",
+    return {"loader": cfg.loader if cfg.loader != "dali" else
+            f"dali-{ {'gpu': 'mixed', 'cpu-decode': 'cpu-decode'}.get(cfg.dali_device, 'cpu')}",
             "steps": bench.profile_steps, "split": split, "top_ops": top, "table": table,
             "trace": trace}
 

@@ -26,7 +26,7 @@ class DataConfig:
     shuffle_buffer: int = 4096       # DALI reader random_shuffle buffer (initial_fill)
     dtype: str = "bfloat16"          # output image dtype: bfloat16 | float16 | float32
     drop_last: bool = False          # train: drop the partial last batch instead of yielding it
-    dali_device: str = "auto"        # auto | gpu | cpu  (cpu = DALI CPU operators, device_id=None)
+    dali_device: str = "auto"        # auto | gpu | cpu-decode | cpu  (where DALI's stages run: pipeline/dali.py)
     seed: int = 0
     verify: bool = False             # hash every shard against manifest.json before training (train.preflight)
     synthetic_samples: int = 0       # synthetic loader: samples per epoch per rank (0: 50 batches)

@@ -40,7 +40,11 @@ class ModelConfig:
     freeze_bn: bool = False           # keep BN running statistics at their pretrained values (small data)
     zero_init_residual: bool = True   # last BN gamma of each residual block = 0: every block starts as identity
     compile: bool = False             # torch.compile the model (first steps are slow while it compiles)
-    sync_bn: bool = False             # SyncBatchNorm across ranks (small per-GPU batches); needs CUDA
+    # SyncBatchNorm across ranks (small per-GPU batches); needs CUDA. Not free: besides an all-gather per BN
+    # layer, torch's SyncBatchNorm forward syncs the host once per BN layer (it drops empty ranks' statistics
+    # with a boolean mask, whose result size the host must read: torch/nn/modules/_functions.py,
+    # pytorch#78549), so 53 host syncs per ResNet-50 step. The cost on a GPU is not measured yet.
+    sync_bn: bool = False
 
 
 @dataclass(frozen=True)
@@ -315,4 +319,7 @@ def resolve(cfg: Config, device: "torch.device") -> Config:  # noqa: F821
             dtype = "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
     if dtype == "float16" and device.type != "cuda":
         raise ConfigError("precision.dtype=float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
-    return replace(cfg, precision=replace(cfg.precision, dtype=dtype), data=replace(cfg.data, dtype=dtype))
+    # A compiled model would recompile for the partial last batch (train.model.compile_model): drop it.
+    drop_last = cfg.data.drop_last or cfg.model.compile
+    return replace(cfg, precision=replace(cfg.precision, dtype=dtype),
+                   data=replace(cfg.data, dtype=dtype, drop_last=drop_last))

@@ -21,7 +21,7 @@ from train.config import Config, ConfigError, resolve
 from train.evaluate import EvalResult, evaluate, save_report
 from train.loop import NonFiniteLoss, train_one_epoch
 from train.mix import build_mix
-from train.model import build_model, build_step_parts, prepare, unwrap
+from train.model import build_model, build_step_parts, compile_model, prepare, unwrap
 from train.monitor import MetricsLog, Progress
 from train.preflight import verify_data
 from train.runlock import locked_run
@@ -200,7 +200,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         cfg.save(out / "config.json")
     net = dist.wrap_ddp(model, info)
     if cfg.model.compile:
-        net = torch.compile(net)
+        net = compile_model(net, shapes=len({resolution_at(e, run, cfg.data.resolution) for e in range(run.epochs)}))
     metrics = MetricsLog(out, info.is_main, run.tensorboard, start_epoch)
     should_stop = make_should_stop(stop, info)
     say.write(f"{cfg.model.arch} | {len(classes)} classes | {cfg.data.loader} loader | {info.world_size} rank(s) "
