@@ -51,6 +51,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from .augment import dali_auto_augment, dali_random_erase
 from .common import MEAN, STD, load_split, rank_batches, torch_dtype
 from .config import DataConfig
 
@@ -69,7 +70,7 @@ def _seed(*parts: int) -> int:
     return s
 
 
-@pipeline_def(enable_conditionals=False)
+@pipeline_def(enable_conditionals=True)  # nvidia.dali.auto_aug picks operations with `if`
 def _graph(tars, indexes, *, train: bool, gpu: bool, size: int, resize_shorter: int,
            cfg: DataConfig, shard_id: int, num_shards: int, reader_seed: int, order_seed: int,
            keys: bool):
@@ -94,6 +95,7 @@ def _graph(tars, indexes, *, train: bool, gpu: bool, size: int, resize_shorter: 
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
                            antialias=True)
         mirror = fn.random.coin_flip(probability=0.5)
+        images = dali_auto_augment(images, cfg, size, seed=None)  # RandAugment / TrivialAugment or nothing
         crop = {}
     else:
         images = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False,
@@ -106,6 +108,8 @@ def _graph(tars, indexes, *, train: bool, gpu: bool, size: int, resize_shorter: 
         images, mirror=mirror, mean=[255 * m for m in MEAN], std=[255 * s for s in STD],
         dtype=types.FLOAT16 if cfg.dtype == "float16" or (cfg.dtype == "bfloat16" and gpu) else types.FLOAT,
         output_layout="HWC", **crop)
+    if train:
+        images = dali_random_erase(images, cfg)
     outputs = [images, labels.gpu() if gpu else labels]
     if keys:  # tests only: "<tar>:<offset>:<key>.jpg", zero-padded to a dense batch
         outputs.append(fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0))

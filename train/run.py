@@ -112,7 +112,8 @@ def restore(resumed: tuple[Path, dict], model, optimizer, scaler, schedule: LRSc
     saved = state.get("config", {}).get("optim", {}).get("optimizer", "sgd")  # its state means nothing to another
     if saved != cfg.optim.optimizer:
         raise CheckpointError(f"{path} was trained with optim.optimizer={saved}, this run asks for "
-                              f"{cfg.optim.optimizer}: resume with --set optim.optimizer={saved}, or start a fresh --out")
+                              f"{cfg.optim.optimizer}: resume with --set optim.optimizer={saved}, or start a "
+                              "fresh --out")
     configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
                   for g in optimizer.param_groups]
     try:
