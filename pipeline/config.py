@@ -31,3 +31,12 @@ class DataConfig:
     verify: bool = False             # hash every shard against manifest.json before training (train.preflight)
     synthetic_samples: int = 0       # synthetic loader: samples per epoch per rank (0: 50 batches)
     synthetic_classes: int = 1000    # synthetic loader: label range
+    # Training augmentations after crop + flip, the same in the DALI and torch pipelines (pipeline.augment):
+    # auto_augment "" (off) | randaugment (RandAugment, num_ops 2, magnitude 9 of 31 bins: torchvision's
+    # references and timm's rand-m9) | trivialaugment (TrivialAugmentWide); random_erase = probability of
+    # erasing one rectangle (2-33% of the area, aspect 0.3-3.3) to the mean colour (torchvision's references: 0.1
+    # with RandAugment / TrivialAugment; timm's ImageNet recipes 0.25).
+    auto_augment: str = ""
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    random_erase: float = 0.0

@@ -59,6 +59,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from .augment import dali_auto_augment, dali_random_erase
 from .common import MEAN, STD, Position, label_outside, load_split, normalise, rank_batches, read_label, torch_dtype
 from .config import DataConfig
 from .manifest import ManifestError, read_index
@@ -93,7 +94,7 @@ def _seed(*parts: int) -> int:
     return s
 
 
-@pipeline_def(enable_conditionals=False)
+@pipeline_def(enable_conditionals=True)  # nvidia.dali.auto_aug picks operations with `if`
 def _graph(tars, indexes, *, train: bool, decode: str, augment_gpu: bool, out_type, size: int,
            resize_shorter: int, cfg: DataConfig, shard_id: int, num_shards: int, reader_seed: int,
            order_seed: int, keys: bool):
@@ -116,6 +117,7 @@ def _graph(tars, indexes, *, train: bool, decode: str, augment_gpu: bool, out_ty
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
                            antialias=True)
         mirror = fn.random.coin_flip(probability=0.5)
+        images = dali_auto_augment(images, cfg, size, seed=None)  # RandAugment / TrivialAugment or nothing
         crop = {}
     else:
         images = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False,
@@ -127,6 +129,8 @@ def _graph(tars, indexes, *, train: bool, decode: str, augment_gpu: bool, out_ty
         mirror = 0
     norm = {} if out_type == types.UINT8 else dict(mean=[255 * m for m in MEAN], std=[255 * s for s in STD])
     images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=out_type, output_layout="HWC", **norm, **crop)
+    if train:  # erased to the mean colour: 0 once normalised, the mean's uint8 value before (normalised on the GPU)
+        images = dali_random_erase(images, cfg, fill=[round(255 * m) for m in MEAN] if norm == {} else 0.0)
     # With GPU outputs the labels also come out on the host, for the range check in DaliLoader._convert (B int64
     # per batch; checking the device copy would cost a host sync per step).
     outputs = [images, labels.gpu(), labels] if augment_gpu else [images, labels]

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
+from .augment import torch_transforms
 from .common import (Position, epoch_plan, label_outside, load_split, normalise, num_batches,
                      read_label, torch_dtype)
 from .config import DataConfig
@@ -128,7 +129,7 @@ def _transform(train: bool, px: int, cfg: DataConfig):
     if train:
         return v2.Compose([v2.RandomResizedCrop(px, scale=(cfg.min_area, 1.0), ratio=(3 / 4, 4 / 3),
                                                 antialias=True),
-                           v2.RandomHorizontalFlip()])
+                           v2.RandomHorizontalFlip(), *torch_transforms(cfg)])
     return v2.Compose([v2.Resize(int(cfg.val_resolution / cfg.val_resize_ratio), antialias=True),
                        v2.CenterCrop(cfg.val_resolution)])
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.augment import check as augment_problems
 from pipeline.config import DataConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -264,6 +265,8 @@ def validate(cfg: Config) -> None:
                                     "backbone's weights; --finetune linear also freezes BN statistics)")
     _check(0.0 <= o.momentum < 1.0, f"optim.momentum={o.momentum}: expected in [0, 1)")
     _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    problems = augment_problems(d)
+    _check(not problems, "; ".join(problems))
     _check(0.0 < d.min_area <= 1.0, f"data.min_area={d.min_area}: the crop's area fraction, in (0, 1]")
     _check(0.0 < d.val_resize_ratio <= 1.0, f"data.val_resize_ratio={d.val_resize_ratio}: crop / resized size, "
                                             "in (0, 1] (0.875: resize to 256, crop 224)")

@@ -88,7 +88,8 @@ def test_resolve_cpu_precision():
     ("data.val_resize_ratio", 0, "val_resize_ratio=0"), ("data.min_area", 2, "min_area=2"),
     ("optim.momentum", -3, "momentum=-3"), ("optim.weight_decay", -1, "weight_decay=-1"),
     ("optim.optimizer", "adam", "expected one of sgd, adamw, lars, lamb"), ("optim.betas", [0.9], "two values"),
-    ("optim.grad_clip", -1, "grad_clip=-1"), ("optim.grad_accum", 0, "grad_accum=0"), ("optim.cutmix", -1, "cutmix=-1")])
+    ("optim.grad_clip", -1, "grad_clip=-1"), ("optim.grad_accum", 0, "grad_accum=0"), ("optim.cutmix", -1, "cutmix=-1"),
+    ("data.auto_augment", "rand", "auto_augment=.rand."), ("data.random_erase", 1.5, "random_erase=1.5")])
 def test_out_of_range_values_are_refused(key, value, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, {"data.loader": "synthetic", key: value})
