@@ -55,7 +55,7 @@ def _last_index_entry(index: Path) -> list[str]:
     return lines[-1].decode(errors="replace").split() if lines else []
 
 
-def check_shard_pair(shard: "Shard", split: str, root: Path) -> None:
+def check_shard_pair(shard: "Shard", split: str, root: Path, adopted: bool = False) -> None:
     """Cheap proof that an index belongs to its tar: its last component's tar header (the 512
     bytes before the data offset) must name the member the index names, and the data must end
     inside the tar. Catches truncated tars, stale or swapped indexes (one seek + read each)."""
@@ -78,7 +78,7 @@ def check_shard_pair(shard: "Shard", split: str, root: Path) -> None:
     if header_name != name:
         raise ManifestError(f"{shard.index} does not match {shard.tar}: the index puts {name} at "
                             f"{offset} but the tar holds {header_name!r} there; {hint}")
-    if not name.startswith(f"{split}_"):
+    if not adopted and not name.startswith(f"{split}_"):  # adopted shards keep their maker's keys
         raise ManifestError(f"{shard.index}: member {name} is not from split {split!r}; {hint}")
 
 
@@ -99,7 +99,7 @@ def load_split(path: str | Path, split: str) -> tuple["Manifest", "Split"]:
         raise ManifestError(f"{manifest.root / 'manifest.json'}: no classes listed; rebuild with "
                             f"`imt-make-shards --src <data> --out {manifest.root}`")
     for shard in sp.shards:
-        check_shard_pair(shard, split, manifest.root)
+        check_shard_pair(shard, split, manifest.root, manifest.adopted)
     return manifest, sp
 
 

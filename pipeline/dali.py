@@ -72,14 +72,17 @@ def _seed(*parts: int) -> int:
 @pipeline_def(enable_conditionals=False)
 def _graph(tars, indexes, *, train: bool, gpu: bool, size: int, resize_shorter: int,
            cfg: DataConfig, shard_id: int, num_shards: int, reader_seed: int, order_seed: int,
-           keys: bool):
+           keys: bool, label_ext: str = "lbl"):
     reader_args = dict(random_shuffle=True, initial_fill=cfg.shuffle_buffer, seed=reader_seed,
                        shuffle_after_epoch=True, shuffle_after_epoch_seed=order_seed) if train else \
         dict(stick_to_shard=True)
     jpegs, labels = fn.readers.webdataset(
-        paths=tars, index_paths=indexes, ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT64],
+        paths=tars, index_paths=indexes, ext=["jpg", label_ext],
+        dtypes=[types.UINT8, types.INT64 if label_ext == "lbl" else types.UINT8],
         shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name="Reader",
         missing_component_behavior="error", **reader_args)
+    if label_ext == "lblsize":  # adopted shards: the label is the component's byte count - 1 (index_shards)
+        labels = labels.shape(dtype=types.INT64) - 1
     decode_args = dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load,
                        device_memory_padding=DEVICE_MEMORY_PADDING,
                        host_memory_padding=HOST_MEMORY_PADDING,
@@ -215,7 +218,7 @@ class DaliLoader:
             resize_shorter=int(cfg.val_resolution / cfg.val_resize_ratio), cfg=cfg,
             shard_id=self.rank, num_shards=self.world,
             reader_seed=_seed(cfg.seed, self.epoch, self.rank), order_seed=_seed(cfg.seed, self.epoch),
-            keys=self.keys, batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
+            keys=self.keys, label_ext=self.manifest.label_ext, batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
             device_id=(self.device.index or 0) if self.gpu else None,
             prefetch_queue_depth=cfg.prefetch, seed=_seed(cfg.seed, self.epoch, self.rank, 1))
         pipe.build()

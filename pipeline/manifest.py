@@ -17,6 +17,11 @@ FORMAT = "imt-shards"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
 INDEX_VERSION = "v1.2"  # first token of a DALI wds2idx index file
+PROGRESS_NAME = ".imt-progress.json"  # tools/make_shards.py's record of an unfinished run
+# How a sample's label is found through its index line (Manifest.label_ext): "lbl", our shards' member
+# holding the label as one little-endian int64; "lblsize", adopted shards (tools/index_shards.py), whose
+# tars we may not write into: the label is the byte count of the component minus 1 (see that module).
+LABEL_EXTS = ("lbl", "lblsize")
 
 
 class ManifestError(ValueError):
@@ -53,6 +58,12 @@ class Manifest:
     classes: tuple[str, ...]
     settings: dict
     splits: dict[str, Split]
+    label_ext: str = "lbl"
+
+    @property
+    def adopted(self) -> bool:
+        """Shards made elsewhere (tools/index_shards.py): their keys and member names are the maker's."""
+        return "adopted" in self.settings
 
     @property
     def num_classes(self) -> int:
@@ -78,6 +89,23 @@ def read_index_count(path: Path) -> int:
     if len(head) != 2 or head[0].decode(errors="replace") != INDEX_VERSION or not head[1].isdigit():
         raise ManifestError(f"{path}: not a DALI {INDEX_VERSION} index file (header {head!r})")
     return int(head[1])
+
+
+def read_index(path: Path) -> list[dict[str, tuple[int, int, str]]]:
+    """The samples of a wds2idx v1.2 index, in order: {ext: (data offset, size, member name)} each."""
+    with open(path) as f:
+        read_index_count(path)
+        next(f)
+        out = []
+        for line in f:
+            if not line.strip():
+                continue
+            p = line.split()
+            if len(p) % 4:
+                raise ManifestError(f"{path}: malformed index line {line.strip()!r}")
+            out.append({ext: (int(off), int(size), name) for ext, off, size, name in
+                        zip(p[0::4], p[1::4], p[2::4], p[3::4])})
+    return out
 
 
 def _check_shard(shard: Shard, root: Path) -> None:
@@ -114,8 +142,11 @@ def load_manifest(root: str | Path, *, check_files: bool = True) -> Manifest:
     where = root / MANIFEST_NAME
     if not where.is_file():
         hint = ""
-        if root.is_dir() and any(root.glob("*.tar")):
-            hint = " (tars are present: the shard maker was interrupted; re-run the same command to finish)"
+        if (root / PROGRESS_NAME).is_file():
+            hint = " (the shard maker was interrupted; re-run the same command to finish)"
+        elif root.is_dir() and any(root.glob("*.tar")):  # e.g. written by webdataset.ShardWriter
+            hint = (f" (the .tar files there were not made by imt-make-shards: index them where they are, "
+                    f"without rewriting them, with `imt-index-shards {root}`)")
         raise ManifestError(f"{where} not found{hint}. Make shards with "
                             f"`python -m tools.make_shards --src <data> --out {root}`.")
     try:
@@ -131,10 +162,14 @@ def load_manifest(root: str | Path, *, check_files: bool = True) -> Manifest:
         classes = tuple(str(c) for c in d["classes"])
         splits = {name: _parse_split(name, s, root, where) for name, s in d["splits"].items()}
         settings = dict(d.get("settings", {}))
+        label_ext = str(d.get("label_ext", "lbl"))
     except (KeyError, TypeError, AttributeError) as e:
         raise ManifestError(f"{where}: malformed ({e!r}); {_remake_hint(root)}") from e
+    if label_ext not in LABEL_EXTS:
+        raise ManifestError(f"{where}: label_ext {label_ext!r}, this code reads {', '.join(LABEL_EXTS)}; "
+                            f"{_remake_hint(root)}")
     if check_files:
         for split in splits.values():
             for shard in split.shards:
                 _check_shard(shard, root)
-    return Manifest(root=root, classes=classes, settings=settings, splits=splits)
+    return Manifest(root=root, classes=classes, settings=settings, splits=splits, label_ext=label_ext)

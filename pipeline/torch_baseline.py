@@ -34,6 +34,7 @@ from torchvision.transforms import v2
 
 from .common import MEAN, STD, load_split, num_batches, rank_batches, torch_dtype
 from .config import DataConfig
+from .manifest import read_index
 
 
 def _seed(*parts: int) -> int:
@@ -46,18 +47,16 @@ def _seed(*parts: int) -> int:
 class ShardSource:
     """Random access to the samples of one split's shards through their index files."""
 
-    def __init__(self, split):
-        self.entries: list[tuple[int, int, int, int, str]] = []  # shard, offset, size, label, key
+    def __init__(self, split, label_ext: str = "lbl"):
+        # shard, offset, size, label's offset (an int64 there) or -1 - label (adopted: label from the index), key
+        self.entries: list[tuple[int, int, int, int, str]] = []
         self.tars = [str(s.tar) for s in split.shards]
         for si, shard in enumerate(split.shards):
-            with open(shard.index) as idx:
-                next(idx)
-                for line in idx:
-                    f = line.split()
-                    comp = {ext: (int(off), int(size), name)
-                            for ext, off, size, name in zip(f[0::4], f[1::4], f[2::4], f[3::4])}
-                    off, size, name = comp["jpg"]
-                    self.entries.append((si, off, size, comp["lbl"][0], name.rsplit(".", 1)[0]))
+            for comp in read_index(shard.index):
+                off, size, name = comp["jpg"]
+                lbl_off, lbl_size, _ = comp[label_ext]
+                self.entries.append((si, off, size, lbl_off if label_ext == "lbl" else -lbl_size,
+                                     name.rsplit(".", 1)[0]))
         self._files: dict[int, object] = {}  # opened lazily, per worker process
         self._labels: dict[int, int] = {}
 
@@ -70,8 +69,11 @@ class ShardSource:
     def read(self, i: int) -> tuple[torch.Tensor, int]:
         si, off, size, lbl_off, key = self.entries[i]
         f = self._files.get(si) or self._files.setdefault(si, open(self.tars[si], "rb"))
-        f.seek(lbl_off)
-        label = int.from_bytes(f.read(8), "little", signed=True)
+        if lbl_off < 0:
+            label = -1 - lbl_off
+        else:
+            f.seek(lbl_off)
+            label = int.from_bytes(f.read(8), "little", signed=True)
         f.seek(off)
         data = torch.frombuffer(bytearray(f.read(size)), dtype=torch.uint8)
         try:
@@ -245,7 +247,7 @@ class ShardLoader(_TorchLoader):
 
     def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False):
         manifest, sp = load_split(cfg.path, split)
-        super().__init__(ShardSource(sp), manifest.classes, cfg, dist, train=train, keys=keys)
+        super().__init__(ShardSource(sp, manifest.label_ext), manifest.classes, cfg, dist, train=train, keys=keys)
 
 
 class FolderLoader(_TorchLoader):

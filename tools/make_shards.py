@@ -410,6 +410,13 @@ def _tar_end(pos: int) -> bytes:
     return b"\0" * (2 * TAR_BLOCK + (-end % TAR_RECORD))  # end blocks, padded to a record like tar
 
 
+def index_text(samples: list[list[tuple[str, int, int, str]]]) -> str:
+    """A DALI wds2idx v1.2 index: the header, then one line per sample of `ext offset size member` per
+    component (offsets of the member's data, which DALI requires to be multiples of 512)."""
+    return f"{INDEX_VERSION} {len(samples)}\n" + "".join(
+        " ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in sample) + "\n" for sample in samples)
+
+
 def _write_task(args) -> dict:
     """Worker: write one shard's tar and .idx in one pass (offsets counted as we go), then rename."""
     src, out, split, name, samples, conv = args
@@ -428,12 +435,12 @@ def _write_task(args) -> dict:
             parts = []
             for member, payload in _members(key, data, label, rel):
                 put(_tar_header(member, len(payload)))
-                parts.append(f"{member.split('.', 1)[1]} {pos} {len(payload)} {member}")
+                parts.append((member.split(".", 1)[1], pos, len(payload), member))
                 put(payload)
                 put(b"\0" * _pad(len(payload)))
-            lines.append(" ".join(parts))
+            lines.append(parts)
         put(_tar_end(pos))
-    idx = f"{INDEX_VERSION} {len(samples)}\n" + "".join(line + "\n" for line in lines)
+    idx = index_text(lines)
     idx_tmp.write_text(idx)
     os.replace(idx_tmp, idx_path)  # index first: a visible .tar always has its .idx
     os.replace(tar_tmp, tar_path)

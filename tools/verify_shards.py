@@ -27,7 +27,7 @@ import click
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.manifest import INDEX_VERSION, Manifest, ManifestError, Shard, load_manifest
+from pipeline.manifest import Manifest, ManifestError, Shard, load_manifest, read_index, read_index_count
 from train.cli import CONTEXT
 from tools.make_shards import _jpeg_sof
 
@@ -54,17 +54,7 @@ def _read_tar(path: Path) -> list[tuple[str, int, int, bytes]]:
 
 
 def _read_index(path: Path) -> tuple[int, list[list[tuple[str, int, int, str]]]]:
-    lines = path.read_text().splitlines()
-    version, count = lines[0].split()
-    if version != INDEX_VERSION:
-        raise ValueError(f"index version {version!r}, expected {INDEX_VERSION}")
-    samples = []
-    for line in lines[1:]:
-        f = line.split()
-        if len(f) % 4:
-            raise ValueError(f"malformed index line {line!r}")
-        samples.append([(f[k], int(f[k + 1]), int(f[k + 2]), f[k + 3]) for k in range(0, len(f), 4)])
-    return int(count), samples
+    return read_index_count(path), [[(ext, *c) for ext, c in comp.items()] for comp in read_index(path)]
 
 
 def _check_image(data: bytes) -> str | None:
@@ -135,6 +125,9 @@ def verify_shards(root, *, splits=None, decode: bool = True, progress: bool = Tr
         m = load_manifest(root, check_files=True)
     except ManifestError as e:
         return [str(e)]
+    if m.adopted:  # their members are the maker's, not ours: what can be checked, imt-index-shards checks
+        return [f"{m.root}: shards adopted by imt-index-shards; re-run `imt-index-shards "
+                f"{m.settings['adopted'].get('source', m.root)}` to check them again"]
     problems = []
     listed = {p.name for s in m.splits.values() for sh in s.shards for p in (sh.tar, sh.index)}
     stray = sorted(p.name for p in m.root.iterdir() if p.suffix in (".tar", ".idx") and p.name not in listed)

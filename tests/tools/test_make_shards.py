@@ -405,8 +405,8 @@ def test_tar_header_equals_tarfiles(name, size):
 
 
 def test_format_names_agree_with_pipeline_manifest():
-    assert (ms.FORMAT, ms.VERSION, ms.MANIFEST_NAME, ms.INDEX_VERSION) == (
-        pm.FORMAT, pm.VERSION, pm.MANIFEST_NAME, pm.INDEX_VERSION)
+    assert (ms.FORMAT, ms.VERSION, ms.MANIFEST_NAME, ms.INDEX_VERSION, ms.PROGRESS_NAME) == (
+        pm.FORMAT, pm.VERSION, pm.MANIFEST_NAME, pm.INDEX_VERSION, pm.PROGRESS_NAME)
 
 
 def test_bad_arguments_say_what_to_do(synthetic_root, tmp_path):
