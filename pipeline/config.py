@@ -30,3 +30,7 @@ class DataConfig:
     seed: int = 0
     synthetic_samples: int = 0       # synthetic loader: samples per epoch per rank (0: 50 batches)
     synthetic_classes: int = 1000    # synthetic loader: label range
+    # path s3://, gs://, http(s)://: shards are fetched into this folder (pipeline/remote.py), at most
+    # cache_limit GiB of them (0: no limit); "" = $XDG_CACHE_HOME/imt/shards (~/.cache/imt/shards).
+    cache_dir: str = ""
+    cache_limit: float = 0.0
