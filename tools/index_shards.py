@@ -43,14 +43,10 @@ import json
 import multiprocessing as mp
 import os
 import re
-import sys
 import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python tools/index_shards.py`: make `tools` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click
 from tqdm import tqdm

@@ -69,7 +69,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python tools/make_shards.py`: make `tools` and `pipeline` importable
+if __package__ in (None, ""):  # run as a script (`python tools/make_shards.py`): import from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click

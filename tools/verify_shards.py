@@ -20,9 +20,6 @@ import tarfile
 import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python tools/verify_shards.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import click
 from PIL import Image
 from tqdm import tqdm
