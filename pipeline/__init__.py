@@ -7,6 +7,7 @@ Backends are imported lazily so that the synthetic loader works without DALI or 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .config import DataConfig
@@ -24,6 +25,9 @@ def build_loader(cfg: DataConfig, split: str, dist: "DistInfo", *, train: bool) 
     if cfg.loader == "synthetic":
         from .synthetic import SyntheticLoader
         return SyntheticLoader(cfg, dist.device, train=train, rank=dist.rank)
+    if cfg.loader in ("dali", "torch"):  # shards on object storage or a web server: read a local copy
+        from .remote import stage
+        cfg = replace(cfg, path=stage(cfg))
     if cfg.loader == "dali":
         from .dali import DaliLoader
         return DaliLoader(cfg, split, dist, train=train)

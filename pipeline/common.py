@@ -73,13 +73,15 @@ def even_split(n: int, world: int, rank: int) -> tuple[int, int]:
 TAR_BLOCK = 512
 
 
-def check_shard_pair(shard: "Shard", split: str, root: Path) -> None:
+def check_shard_pair(shard: "Shard", split: str, root: Path, label_ext: str = "lbl") -> None:
     """Proof, before DALI sees them, that an index describes its tar. From the index alone (vectorised: about
     a second for ImageNet's 1.28 M lines, see read_index): every line holds the same components, .jpg and .lbl
     among them; every member's data starts on a 512-byte tar block after the previous member's data and its
     own 512-byte header, and ends inside the tar (DALI given an offset moved by 512 bytes segfaulted in 3 of 6
     runs). Then one read: the last member's tar header (the 512 bytes before its data) must name the member
-    the index names, which catches a stale or swapped index of the same shape."""
+    the index names, which catches a stale or swapped index of the same shape. `label_ext` "lblsize" (shards
+    adopted by tools/index_shards.py): the label component is `label + 1` bytes at offset 0 of the tar, not a
+    member, so it is left out of the member checks, and the keys are the maker's, not `<split>_...`."""
     from .manifest import ManifestError, read_index
 
     hint = (f"run `imt-verify-shards {root}` to list every damaged file, then "
@@ -88,32 +90,35 @@ def check_shard_pair(shard: "Shard", split: str, root: Path) -> None:
     if len(index) != index.count or not len(index):
         raise ManifestError(f"{shard.index}: header says {index.count} samples but it has {len(index)} lines; "
                             f"{hint}")
-    index.column("jpg"), index.column("lbl")  # what the loaders read
+    index.column("jpg"), index.column(label_ext)  # what the loaders read
     tar_size = shard.tar.stat().st_size
-    offsets, sizes = index.offsets.reshape(-1), index.sizes.reshape(-1)  # every member, in tar order
+    members = [k for k, ext in enumerate(index.exts) if ext != "lblsize"]
+    offsets, sizes = index.offsets[:, members].reshape(-1), index.sizes[:, members].reshape(-1)  # in tar order
+    names = index.names if len(members) == len(index.exts) else \
+        np.array(index.names, dtype=object).reshape(len(index), -1)[:, members].reshape(-1).tolist()
     ends = offsets + sizes
     if (ends > tar_size).any():
         i = int(np.flatnonzero(ends > tar_size)[0])
-        raise ManifestError(f"{shard.tar}: {tar_size} bytes, but {shard.index} places {index.names[i]} at "
+        raise ManifestError(f"{shard.tar}: {tar_size} bytes, but {shard.index} places {names[i]} at "
                             f"{offsets[i]}+{sizes[i]}: the tar is truncated or the index is stale; {hint}")
     # Data starts on a tar block, after the previous member's data (rounded up to a block) and a header.
     earliest = np.concatenate(([0], ends[:-1] + (-ends[:-1] % TAR_BLOCK))) + TAR_BLOCK
     bad = (offsets % TAR_BLOCK != 0) | (offsets < earliest) | (sizes < 0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        previous = f"{index.names[i - 1]}, whose data ends at {ends[i - 1]}" if i else "none"
+        previous = f"{names[i - 1]}, whose data ends at {ends[i - 1]}" if i else "none"
         raise ManifestError(
-            f"{shard.index} line {i // len(index.exts) + 2}: {index.names[i]} at byte {offsets[i]} (+{sizes[i]}) is "
+            f"{shard.index} line {i // len(members) + 2}: {names[i]} at byte {offsets[i]} (+{sizes[i]}) is "
             f"not where a member of {shard.tar.name} can start: offsets must be 512-byte aligned, after the "
             f"previous member ({previous}) and its own header. The index is stale or edited; {hint}")
-    offset, name = int(offsets[-1]), index.names[-1]
+    offset, name = int(offsets[-1]), names[-1]
     with open(shard.tar, "rb") as f:
         f.seek(offset - TAR_BLOCK)
         header_name = f.read(100).split(b"\0", 1)[0].decode(errors="replace")
     if header_name != name:
         raise ManifestError(f"{shard.index} does not match {shard.tar}: the index puts {name} at "
                             f"{offset} but the tar holds {header_name!r} there; {hint}")
-    if not name.startswith(f"{split}_"):
+    if label_ext == "lbl" and not name.startswith(f"{split}_"):  # adopted shards keep their maker's keys
         raise ManifestError(f"{shard.index}: member {name} is not from split {split!r}; {hint}")
 
 
@@ -152,7 +157,7 @@ def load_split(path: str | Path, split: str) -> tuple["Manifest", "Split"]:
         raise ManifestError(f"{manifest.root / 'manifest.json'}: no classes listed; rebuild with "
                             f"`imt-make-shards --src <data> --out {manifest.root}`")
     for shard in sp.shards:
-        check_shard_pair(shard, split, manifest.root)
+        check_shard_pair(shard, split, manifest.root, manifest.adopted)
     return manifest, sp
 
 

@@ -97,14 +97,17 @@ def _seed(*parts: int) -> int:
 @pipeline_def(enable_conditionals=True)  # nvidia.dali.auto_aug picks operations with `if`
 def _graph(tars, indexes, *, train: bool, decode: str, augment_gpu: bool, out_type, size: int,
            resize_shorter: int, cfg: DataConfig, shard_id: int, num_shards: int, reader_seed: int,
-           order_seed: int, keys: bool):
+           order_seed: int, keys: bool, label_ext: str = "lbl"):
     reader_args = dict(random_shuffle=True, initial_fill=cfg.shuffle_buffer, seed=reader_seed,
                        shuffle_after_epoch=True, shuffle_after_epoch_seed=order_seed) if train else \
         dict(stick_to_shard=True)
     jpegs, labels = fn.readers.webdataset(
-        paths=tars, index_paths=indexes, ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT64],
+        paths=tars, index_paths=indexes, ext=["jpg", label_ext],
+        dtypes=[types.UINT8, types.INT64 if label_ext == "lbl" else types.UINT8],
         shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name="Reader",
         missing_component_behavior="error", **reader_args)
+    if label_ext == "lblsize":  # adopted shards: the label is the component's byte count - 1 (index_shards)
+        labels = labels.shape(dtype=types.INT64) - 1
     decode_args = decoder_args(cfg, decode, train)
     to_gpu = augment_gpu and decode == "cpu"  # cpu-decode: the uint8 decoded crop crosses here
     if train:
@@ -346,7 +349,8 @@ class DaliLoader:
             resize_shorter=int(cfg.val_resolution / cfg.val_resize_ratio), cfg=cfg,
             shard_id=self.rank, num_shards=self.world,
             reader_seed=_seed(cfg.seed, first, self.rank), order_seed=_seed(cfg.seed, first),
-            keys=self.keys, batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
+            keys=self.keys, label_ext=self.manifest.label_ext, batch_size=cfg.batch_size,
+            num_threads=max(1, cfg.workers),
             device_id=(self.device.index or 0) if self.gpu else None,
             prefetch_queue_depth=cfg.prefetch, seed=_seed(cfg.seed, first, self.rank, 1),
             enable_checkpointing=self.train, checkpoint=checkpoint or None, **executor_args(self.gpu))
@@ -439,7 +443,8 @@ class DaliLoader:
         so the split's labels are searched (this rank's range first), as for an undecodable sample."""
         n = len(self.classes)
         value = int(labels[(labels < 0) | (labels >= n)].reshape(-1)[0])
-        found = find_label_outside(self._search_order(), n, budget_s=SEARCH_BUDGET_S)
+        found = find_label_outside(self._search_order(), n, budget_s=SEARCH_BUDGET_S,
+                                       label_ext=self.manifest.label_ext)
         if found:
             return label_outside(found[2], n, found[1], found[0])
         return ManifestError(f"a batch of split {self.split_name!r} holds label {value}, outside [0, {n}) for the "
@@ -491,9 +496,11 @@ _OUT_OF_MEMORY = re.compile(r"out of memory|cudaErrorMemoryAllocation|bad_alloc|
                             re.IGNORECASE)
 
 
-def find_label_outside(shards, num_classes: int, budget_s: float) -> tuple[str, str, int] | None:
-    """(tar, key, label) of the first sample whose .lbl is outside [0, num_classes), read through the
-    index; None if none is found within budget_s seconds."""
+def find_label_outside(shards, num_classes: int, budget_s: float,
+                       label_ext: str = "lbl") -> tuple[str, str, int] | None:
+    """(tar, key, label) of the first sample whose label is outside [0, num_classes), read through the
+    index (adopted shards, label_ext "lblsize": the component's size - 1); None if none is found within
+    budget_s seconds."""
     import time
 
     deadline = time.monotonic() + budget_s
@@ -501,8 +508,9 @@ def find_label_outside(shards, num_classes: int, budget_s: float) -> tuple[str, 
         index = read_index(shard.index)
         with open(shard.tar, "rb") as tar:
             for i in range(len(index)):
-                offset, _, name = index.sample(i)["lbl"]
-                label = read_label(tar, offset)
+                sample = index.sample(i)
+                (offset, size, _), name = sample[label_ext], sample["jpg"][2]
+                label = read_label(tar, offset) if label_ext == "lbl" else size - 1
                 if not 0 <= label < num_classes:
                     return str(shard.tar), name.rsplit(".", 1)[0], label
                 if time.monotonic() > deadline:

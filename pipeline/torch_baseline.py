@@ -49,14 +49,16 @@ def _seed(*parts: int) -> int:
 class ShardSource:
     """Random access to the samples of one split's shards through their index files."""
 
-    def __init__(self, split, num_classes: int):
+    def __init__(self, split, num_classes: int, label_ext: str = "lbl"):
         self.num_classes = num_classes
-        self.entries: list[tuple[int, int, int, int, str]] = []  # shard, offset, size, label, key
+        # shard, offset, size, label's offset (an int64 there) or -1 - label (adopted: label from the index), key
+        self.entries: list[tuple[int, int, int, int, str]] = []
         self.tars = [str(s.tar) for s in split.shards]
         for si, shard in enumerate(split.shards):
             index = read_index(shard.index)
-            jpg, lbl, c = index.column("jpg"), index.column("lbl"), len(index.exts)
-            columns = (index.offsets[:, jpg].tolist(), index.sizes[:, jpg].tolist(), index.offsets[:, lbl].tolist())
+            jpg, lbl, c = index.column("jpg"), index.column(label_ext), len(index.exts)
+            labels = index.offsets[:, lbl] if label_ext == "lbl" else -index.sizes[:, lbl]  # size = label + 1
+            columns = (index.offsets[:, jpg].tolist(), index.sizes[:, jpg].tolist(), labels.tolist())
             for i, (off, size, lbl_off) in enumerate(zip(*columns)):
                 self.entries.append((si, off, size, lbl_off, index.names[i * c + jpg].rsplit(".", 1)[0]))
         self._files: dict[int, object] = {}  # opened lazily, per worker process
@@ -71,7 +73,7 @@ class ShardSource:
     def read(self, i: int) -> tuple[torch.Tensor, int]:
         si, off, size, lbl_off, key = self.entries[i]
         f = self._files.get(si) or self._files.setdefault(si, open(self.tars[si], "rb"))
-        label = read_label(f, lbl_off)
+        label = -1 - lbl_off if lbl_off < 0 else read_label(f, lbl_off)
         if not 0 <= label < self.num_classes:  # per sample, in the worker: names it before the loss fails
             raise label_outside(label, self.num_classes, key, self.tars[si])
         f.seek(off)
@@ -289,7 +291,8 @@ class ShardLoader(_TorchLoader):
 
     def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False):
         manifest, sp = load_split(cfg.path, split)
-        super().__init__(ShardSource(sp, manifest.num_classes), manifest.classes, cfg, dist, train=train, keys=keys)
+        super().__init__(ShardSource(sp, manifest.num_classes, manifest.label_ext), manifest.classes, cfg, dist,
+                         train=train, keys=keys)
 
 
 class FolderLoader(_TorchLoader):

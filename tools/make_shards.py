@@ -79,7 +79,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python tools/make_shards.py`: make `tools` and `pipeline` importable
+if __package__ in (None, ""):  # run as a script (`python tools/make_shards.py`): import from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click
@@ -88,7 +88,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
 # The shard format's names: one definition, which the loaders read (importing it loads no torch).
-from pipeline.manifest import FORMAT, INDEX_VERSION, MANIFEST_NAME, VERSION, shard_stem, shard_stem_pattern
+from pipeline.manifest import (FORMAT, INDEX_VERSION, MANIFEST_NAME, PROGRESS_NAME, VERSION, shard_stem,
+                               shard_stem_pattern)
 from pipeline.orphans import exit_with_parent
 from train.cli import CONTEXT
 
@@ -97,7 +98,6 @@ IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif"
 DEFAULT_QUALITY = 95
 MIN_SHARDS = 8
 MIN_SHARD_SAMPLES = 256
-PROGRESS_NAME = ".imt-progress.json"
 CACHE_NAME = ".imt-cache"
 FAIL_AFTER_ENV = "IMT_MAKE_SHARDS_FAIL_AFTER"  # tests: raise after N shards (a deterministic "kill")
 TAR_BLOCK = 512
@@ -550,6 +550,13 @@ def _tar_end(pos: int) -> bytes:
     return b"\0" * (2 * TAR_BLOCK + (-end % TAR_RECORD))  # end blocks, padded to a record like tar
 
 
+def index_text(samples: list[list[tuple[str, int, int, str]]]) -> str:
+    """A DALI wds2idx v1.2 index: the header, then one line per sample of `ext offset size member` per
+    component (offsets of the member's data, which DALI requires to be multiples of 512)."""
+    return f"{INDEX_VERSION} {len(samples)}\n" + "".join(
+        " ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in sample) + "\n" for sample in samples)
+
+
 def _write_task(args) -> dict:
     """Worker: write one shard's tar and .idx in one pass (offsets counted as we go), then rename."""
     src, out, split, name, samples, conv = args
@@ -568,12 +575,12 @@ def _write_task(args) -> dict:
             parts = []
             for member, payload in _members(key, data, label, rel):
                 put(_tar_header(member, len(payload)))
-                parts.append(f"{member.split('.', 1)[1]} {pos} {len(payload)} {member}")
+                parts.append((member.split(".", 1)[1], pos, len(payload), member))
                 put(payload)
                 put(b"\0" * _pad(len(payload)))
-            lines.append(" ".join(parts))
+            lines.append(parts)
         put(_tar_end(pos))
-    idx = f"{INDEX_VERSION} {len(samples)}\n" + "".join(line + "\n" for line in lines)
+    idx = index_text(lines)
     idx_tmp.write_text(idx)
     os.replace(idx_tmp, idx_path)  # index first: a visible .tar always has its .idx
     os.replace(tar_tmp, tar_path)

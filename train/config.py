@@ -10,6 +10,7 @@ silently trains with a default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import types
 import typing
@@ -22,7 +23,7 @@ import yaml
 from pipeline.augment import check as augment_problems
 from pipeline.config import DataConfig
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = importlib.resources.files("imt.recipes")  # recipes/*.yaml: package data of the wheel, or the checkout's
 SCHEDULES = ("cosine", "step", "linear")
 PRECISIONS = ("auto", "bfloat16", "float16", "float32")
 FINETUNE_MODES = ("full", "linear")
@@ -178,6 +179,11 @@ def _section(name: str, cls: type, values: dict) -> Any:
     return cls(**{k: _coerce(name, k, hints[k], v) for k, v in values.items()})
 
 
+def recipe_names() -> list[str]:
+    """The recipes shipped with the package (recipes/*.yaml)."""
+    return sorted(p.name[:-5] for p in RECIPES.iterdir() if p.name.endswith(".yaml"))
+
+
 def recipe_path(recipe: str | Path) -> Path:
     """A YAML file, or the name of one in recipes/ (with or without .yaml)."""
     path = Path(recipe)
@@ -186,7 +192,7 @@ def recipe_path(recipe: str | Path) -> Path:
     named = RECIPES / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
     if named.is_file() and path.parent == Path("."):
         return named
-    known = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    known = recipe_names()
     raise ConfigError(f"recipe {recipe!r} not found: give a YAML path or one of {', '.join(known)}")
 
 

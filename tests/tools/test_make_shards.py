@@ -619,8 +619,8 @@ def test_tar_header_equals_tarfiles(name, size):
 
 def test_format_names_come_from_pipeline_manifest_without_torch():
     """One definition of the format's names; importing it must not load torch (2.3 s in every worker)."""
-    assert (ms.FORMAT, ms.VERSION, ms.MANIFEST_NAME, ms.shard_stem) == (
-        pm.FORMAT, pm.VERSION, pm.MANIFEST_NAME, pm.shard_stem)
+    assert (ms.FORMAT, ms.VERSION, ms.MANIFEST_NAME, ms.INDEX_VERSION, ms.PROGRESS_NAME, ms.shard_stem) == (
+        pm.FORMAT, pm.VERSION, pm.MANIFEST_NAME, pm.INDEX_VERSION, pm.PROGRESS_NAME, pm.shard_stem)
     code = "import sys, tools.make_shards, pipeline.orphans; assert 'torch' not in sys.modules, 'torch loaded'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import RECIPES, Config, ConfigError, from_dict, load_config, parse_override, resolve
+from train.config import Config, ConfigError, from_dict, load_config, parse_override, recipe_names, resolve
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
+@pytest.mark.parametrize("name", recipe_names())
 def test_every_recipe_loads(name):
     cfg = load_config(name, {"data.path": "/data/shards"})
     assert cfg.run.epochs > 0 and cfg.data.batch_size > 0
@@ -17,7 +17,7 @@ def test_every_recipe_loads(name):
 
 
 def test_required_recipes_exist():
-    names = {p.stem for p in RECIPES.glob("*.yaml")}
+    names = set(recipe_names())
     assert {"resnet50_imagenet", "resnet50_fast", "resnet18_16ep", "imagenette_quick", "synthetic_quick"} <= names
 
 
