@@ -35,6 +35,7 @@ from torchvision.transforms import v2
 from .common import label_outside, load_split, normalise, num_batches, rank_batches, read_label, torch_dtype
 from .config import DataConfig
 from .manifest import read_index
+from .orphans import exit_with_parent
 
 
 def _seed(*parts: int) -> int:
@@ -179,10 +180,16 @@ class _Batches(IterableDataset):
 
 def _worker_context():
     """The forkserver imports torch and this module once; each worker is then a cheap fork of it
-    (without the preload every worker imported torch itself: the pipeline tests took 100 s instead of 30)."""
+    (without the preload every worker imported torch itself: the pipeline tests took 100 s instead of 30).
+    It also imports _forkserver_preload, which makes it end when the trainer dies (kill -9 included)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torchvision", __name__])
+    ctx.set_forkserver_preload(["torch", "torchvision", __name__, "pipeline._forkserver_preload"])
     return ctx
+
+
+def _init_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: the worker ends when its parent, the forkserver, does (pipeline.orphans)."""
+    exit_with_parent()
 
 
 class _TorchLoader:
@@ -210,7 +217,8 @@ class _TorchLoader:
             self.dataset, batch_size=None, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=max(1, cfg.prefetch) if workers > 0 else None,
-            multiprocessing_context=_worker_context() if workers > 0 else None)
+            multiprocessing_context=_worker_context() if workers > 0 else None,
+            worker_init_fn=_init_worker if workers > 0 else None)
 
     def __len__(self) -> int:
         return self._len
