@@ -34,7 +34,7 @@ from torchvision.transforms import v2
 
 from .common import label_outside, load_split, normalise, num_batches, rank_batches, read_label, torch_dtype
 from .config import DataConfig
-from .manifest import read_index
+from .manifest import MANIFEST_NAME, ManifestError, read_index
 from .orphans import exit_with_parent
 
 
@@ -94,19 +94,24 @@ class FolderSource:
     def __init__(self, root: Path, classes_root: Path | None = None):
         from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+        # ManifestError (a ValueError), as for shards: the trainer's CLI prints its message without a traceback.
+        if (root.parent / MANIFEST_NAME).is_file():  # `--loader folder` given a shard folder
+            raise ManifestError(f"{root.parent} holds shards ({MANIFEST_NAME}), not an ImageFolder tree: read it "
+                                "with --loader dali or --loader torch (--loader folder reads "
+                                "<path>/<split>/<class>/*.JPEG)")
         for folder in (root, classes_root):
             if folder is not None and not folder.is_dir():
-                raise FileNotFoundError(f"{folder}: no such folder (loader='folder' reads "
-                                        f"<path>/<split>/<class>/*.JPEG)")
+                raise ManifestError(f"{folder}: no such folder (loader='folder' reads "
+                                    f"<path>/<split>/<class>/*.JPEG)")
         self.classes, class_to_idx = find_classes(str(classes_root or root))
         unknown = sorted(set(find_classes(str(root))[0]) - set(self.classes))
         if unknown:
-            raise ValueError(f"{root} has class folders that {classes_root} lacks ({', '.join(unknown[:5])}"
+            raise ManifestError(f"{root} has class folders that {classes_root} lacks ({', '.join(unknown[:5])}"
                              f"{', ...' if len(unknown) > 5 else ''}): the model cannot predict them. Add them "
                              "to the training split or remove them here")
         self.samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
         if not self.samples:
-            raise FileNotFoundError(f"{root} holds no image files ({', '.join(IMG_EXTENSIONS)})")
+            raise ManifestError(f"{root} holds no image files ({', '.join(IMG_EXTENSIONS)})")
         self.root = root
 
     def __len__(self) -> int:
