@@ -7,6 +7,7 @@ Backends are imported lazily so that the synthetic loader works without DALI or 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .config import DataConfig
@@ -24,6 +25,9 @@ def build_loader(cfg: DataConfig, split: str, dist: "DistInfo", *, train: bool) 
     if cfg.loader == "synthetic":
         from .synthetic import SyntheticLoader
         return SyntheticLoader(cfg, dist.device, train=train, rank=dist.rank)
+    if cfg.loader in ("dali", "torch"):  # shards on object storage or a web server: read a local copy
+        from .remote import stage
+        cfg = replace(cfg, path=stage(cfg))
     if cfg.loader == "dali":
         from .dali import DaliLoader
         return DaliLoader(cfg, split, dist, train=train)
@@ -37,8 +41,8 @@ def build_loader(cfg: DataConfig, split: str, dist: "DistInfo", *, train: bool) 
 
 
 def __getattr__(name: str):
-    # `Loader` lives with torch (pipeline.common): importing `pipeline` eagerly cost 2.3 s, paid by every
-    # spawned make_shards worker that imports pipeline.manifest or pipeline.orphans (measured 2026-12-02).
+    # `Loader` lives with torch (pipeline.common): importing `pipeline` eagerly cost 2.3-9.8 s, paid by every
+    # spawned make_shards worker that imports pipeline.manifest or pipeline.orphans (benchmarks/RESULTS.md).
     if name == "Loader":
         from .common import Loader
         return Loader

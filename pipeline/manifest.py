@@ -33,6 +33,13 @@ def shard_stem_pattern(split: str) -> str:
     return rf"{re.escape(split)}-\d{{{SHARD_DIGITS}}}"
 
 
+PROGRESS_NAME = ".imt-progress.json"  # tools/make_shards.py's record of an unfinished run
+# How a sample's label is found through its index line (Manifest.label_ext): "lbl", our shards' member
+# holding the label as one little-endian int64; "lblsize", adopted shards (tools/index_shards.py), whose
+# tars we may not write into: the label is the byte count of the component minus 1 (see that module).
+LABEL_EXTS = ("lbl", "lblsize")
+
+
 class ManifestError(ValueError):
     """A shard folder is missing, incomplete or not ours; the message says what to run."""
 
@@ -67,6 +74,12 @@ class Manifest:
     classes: tuple[str, ...]
     settings: dict
     splits: dict[str, Split]
+    label_ext: str = "lbl"
+
+    @property
+    def adopted(self) -> bool:
+        """Shards made elsewhere (tools/index_shards.py): their keys and member names are the maker's."""
+        return "adopted" in self.settings
 
     @property
     def num_classes(self) -> int:
@@ -204,8 +217,11 @@ def load_manifest(root: str | Path, *, check_files: bool = True) -> Manifest:
     where = root / MANIFEST_NAME
     if not where.is_file():
         hint = ""
-        if root.is_dir() and any(root.glob("*.tar")):
-            hint = " (tars are present: the shard maker was interrupted; re-run the same command to finish)"
+        if (root / PROGRESS_NAME).is_file():
+            hint = " (the shard maker was interrupted; re-run the same command to finish)"
+        elif root.is_dir() and any(root.glob("*.tar")):  # e.g. written by webdataset.ShardWriter
+            hint = (f" (the .tar files there were not made by imt-make-shards: index them where they are, "
+                    f"without rewriting them, with `imt-index-shards {root}`)")
         raise ManifestError(f"{where} not found{hint}. Make shards with "
                             f"`python -m tools.make_shards --src <data> --out {root}`.")
     try:
@@ -221,8 +237,12 @@ def load_manifest(root: str | Path, *, check_files: bool = True) -> Manifest:
         classes = tuple(str(c) for c in d["classes"])
         splits = {name: _parse_split(name, s, root, where) for name, s in d["splits"].items()}
         settings = dict(d.get("settings", {}))
+        label_ext = str(d.get("label_ext", "lbl"))
     except (KeyError, TypeError, AttributeError) as e:
         raise ManifestError(f"{where}: malformed ({e!r}); {_remake_hint(root)}") from e
+    if label_ext not in LABEL_EXTS:
+        raise ManifestError(f"{where}: label_ext {label_ext!r}, this code reads {', '.join(LABEL_EXTS)}; "
+                            f"{_remake_hint(root)}")
     seen: dict[Path, str] = {}
     for split in splits.values():  # one file read twice would count its samples twice (or leak train into val)
         for p in (path for shard in split.shards for path in (shard.tar, shard.index)):
@@ -234,4 +254,4 @@ def load_manifest(root: str | Path, *, check_files: bool = True) -> Manifest:
         for split in splits.values():
             for shard in split.shards:
                 _check_shard(shard, root)
-    return Manifest(root=root, classes=classes, settings=settings, splits=splits)
+    return Manifest(root=root, classes=classes, settings=settings, splits=splits, label_ext=label_ext)

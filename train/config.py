@@ -10,6 +10,7 @@ silently trains with a default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import types
 import typing
@@ -19,9 +20,10 @@ from typing import Any
 
 import yaml
 
+from pipeline.augment import check as augment_problems
 from pipeline.config import DataConfig
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = importlib.resources.files("imt.recipes")  # recipes/*.yaml: package data of the wheel, or the checkout's
 SCHEDULES = ("cosine", "step", "linear")
 PRECISIONS = ("auto", "bfloat16", "float16", "float32")
 FINETUNE_MODES = ("full", "linear")
@@ -40,7 +42,11 @@ class ModelConfig:
     freeze_bn: bool = False           # keep BN running statistics at their pretrained values (small data)
     zero_init_residual: bool = True   # last BN gamma of each residual block = 0: every block starts as identity
     compile: bool = False             # torch.compile the model (first steps are slow while it compiles)
-    sync_bn: bool = False             # SyncBatchNorm across ranks (small per-GPU batches); needs CUDA
+    # SyncBatchNorm across ranks (small per-GPU batches); needs CUDA. Not free: besides an all-gather per BN
+    # layer, torch's SyncBatchNorm forward syncs the host once per BN layer (it drops empty ranks' statistics
+    # with a boolean mask, whose result size the host must read: torch/nn/modules/_functions.py,
+    # pytorch#78549), so 53 host syncs per ResNet-50 step. The cost on a GPU is not measured yet.
+    sync_bn: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,11 @@ def _section(name: str, cls: type, values: dict) -> Any:
     return cls(**{k: _coerce(name, k, hints[k], v) for k, v in values.items()})
 
 
+def recipe_names() -> list[str]:
+    """The recipes shipped with the package (recipes/*.yaml)."""
+    return sorted(p.name[:-5] for p in RECIPES.iterdir() if p.name.endswith(".yaml"))
+
+
 def recipe_path(recipe: str | Path) -> Path:
     """A YAML file, or the name of one in recipes/ (with or without .yaml)."""
     path = Path(recipe)
@@ -181,7 +192,7 @@ def recipe_path(recipe: str | Path) -> Path:
     named = RECIPES / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
     if named.is_file() and path.parent == Path("."):
         return named
-    known = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    known = recipe_names()
     raise ConfigError(f"recipe {recipe!r} not found: give a YAML path or one of {', '.join(known)}")
 
 
@@ -262,6 +273,8 @@ def validate(cfg: Config) -> None:
                                     "backbone's weights; --finetune linear also freezes BN statistics)")
     _check(0.0 <= o.momentum < 1.0, f"optim.momentum={o.momentum}: expected in [0, 1)")
     _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    problems = augment_problems(d)
+    _check(not problems, "; ".join(problems))
     _check(0.0 < d.min_area <= 1.0, f"data.min_area={d.min_area}: the crop's area fraction, in (0, 1]")
     _check(0.0 < d.val_resize_ratio <= 1.0, f"data.val_resize_ratio={d.val_resize_ratio}: crop / resized size, "
                                             "in (0, 1] (0.875: resize to 256, crop 224)")
@@ -324,4 +337,7 @@ def resolve(cfg: Config, device: "torch.device") -> Config:  # noqa: F821
             dtype = "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
     if dtype == "float16" and device.type != "cuda":
         raise ConfigError("precision.dtype=float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
-    return replace(cfg, precision=replace(cfg.precision, dtype=dtype), data=replace(cfg.data, dtype=dtype))
+    # A compiled model would recompile for the partial last batch (train.model.compile_model): drop it.
+    drop_last = cfg.data.drop_last or cfg.model.compile
+    return replace(cfg, precision=replace(cfg.precision, dtype=dtype),
+                   data=replace(cfg.data, dtype=dtype, drop_last=drop_last))

@@ -19,11 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python train/export.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click
 import torch

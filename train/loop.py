@@ -68,23 +68,22 @@ def train_step(model, images, labels, loss_fn, optimizer, scaler, autocast, *, g
 
 def train_one_epoch(model, loader: Iterable, optimizer, schedule, scaler, autocast, loss_fn, ema=None, *,
                     steps: int, log_every: int, should_stop: Callable[[], bool] = lambda: False,
-                    log: Callable[[LogPoint], None] = lambda p: None, skip: int = 0,
+                    log: Callable[[LogPoint], None] = lambda p: None, start: int = 0,
                     mean_across: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
                     grad_clip: float = 0.0, grad_accum: int = 1,
                     batch_transform: Callable | None = None) -> EpochStats:
-    """Run `steps` steps (`skip` batches are drawn and discarded first: a mid-epoch resume).
-    `should_stop()` is called at step boundaries; `mean_across` averages the loss sum over ranks.
+    """Run steps `start` .. `steps` of an epoch on the batches `loader` yields (a resumed epoch starts at
+    `start`: the loader yields only the rest). `should_stop()` is called at step boundaries; `mean_across`
+    averages the loss sum over ranks.
     A step is one batch; the optimizer updates every `grad_accum` batches (and on the epoch's last one), and
     a stop waits for the end of the update it is in, so a checkpoint never holds half-accumulated gradients.
     `batch_transform(images, labels)` runs on each batch before the step (train.mix: mixup/cutmix)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     batches = iter(loader)
-    for _ in range(skip):
-        next(batches)
-    loss_sum, n_images, wait, done, stopped, stopping = None, 0, 0.0, skip, False, False
+    loss_sum, n_images, wait, done, stopped, stopping = None, 0, 0.0, start, False, False
     t0 = time.perf_counter()
-    for step in range(skip, steps):
+    for step in range(start, steps):
         t = time.perf_counter()
         images, labels = next(batches)
         wait += time.perf_counter() - t
@@ -104,15 +103,13 @@ def train_one_epoch(model, loader: Iterable, optimizer, schedule, scaler, autoca
         n_images += images.shape[0]
         done = step + 1
         if done % log_every == 0 or done == steps:
-            mean = check_finite(mean_across(loss_sum), done - skip, done)
+            mean = check_finite(mean_across(loss_sum), done - start, done)
             log(LogPoint(done, mean, schedule.lr(schedule.step_count - 1), n_images / (time.perf_counter() - t0)))
         stopping = should_stop() or stopping  # asked every step: under DDP a collective every rank joins
         if stopping and update:
             stopped = done < steps
             break
-    if done == len(loader):  # run the iterator to its end: DALI then resets instead of rebuilding its pipeline
-        next(batches, None)
-    mean = check_finite(mean_across(loss_sum), done - skip, done) if loss_sum is not None else float("nan")
+    mean = check_finite(mean_across(loss_sum), done - start, done) if loss_sum is not None else float("nan")
     return EpochStats(mean, done, n_images, time.perf_counter() - t0, wait, stopped)
 
 

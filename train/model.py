@@ -153,6 +153,26 @@ def build_step_parts(cfg, model: nn.Module, device: torch.device, heads: tuple[s
                      loss_fn=loss_function(cfg.model.arch, o.label_smoothing))
 
 
+def compile_model(model: nn.Module, shapes: int = 1, **kwargs) -> nn.Module:
+    """torch.compile for training, one static graph per input shape.
+
+    With torch's default `dynamic=None` the second input shape makes dynamo recompile with symbolic shapes,
+    and that one graph then serves every later shape: the full batches too, with kernels generated for an
+    unknown size. The shapes a training run presents, case by case:
+    - the partial last batch and DaliLoader's split batch: gone, compiled training drops the partial last batch
+      (train.config.resolve sets data.drop_last), so every batch has the full size;
+    - progressive resizing: a new resolution is a new shape; `dynamic=False` gives each its own static graph
+      (one compile per resolution, a handful per run), and the recompile limit (8 in torch 2.x) is raised to
+      `shapes`, the number of distinct resolutions, so no resolution falls back to eager;
+    - evaluation: runs the uncompiled module (train.run passes it), so its partial batches compile nothing.
+    tests/train/test_model.py counts the graphs."""
+    import torch._dynamo.config as dynamo
+
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+    setattr(dynamo, name, max(getattr(dynamo, name), shapes))
+    return torch.compile(model, dynamic=False, **kwargs)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`), whose state-dict keys carry
     no wrapper prefixes."""

@@ -23,10 +23,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python train/run.py`: import from the repository root, not from train/
-    _repo = str(Path(__file__).resolve().parents[1])
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    sys.path.insert(0, _repo)
+if __package__ in (None, ""):  # run as a script (`python train/run.py`): import from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click
 

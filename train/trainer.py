@@ -21,7 +21,7 @@ from train.config import Config, ConfigError, resolve
 from train.evaluate import EvalResult, evaluate, save_report
 from train.loop import NonFiniteLoss, train_one_epoch
 from train.mix import build_mix
-from train.model import build_model, build_step_parts, prepare, unwrap
+from train.model import build_model, build_step_parts, compile_model, prepare, unwrap
 from train.monitor import MetricsLog, Progress
 from train.preflight import verify_data
 from train.runlock import locked_run
@@ -84,23 +84,30 @@ def fingerprint(model: torch.nn.Module) -> list[float]:
         return [float(t.double().sum()) for t in unwrap(model).state_dict().values() if t.is_floating_point()]
 
 
-def restore(resumed: tuple[Path, dict], state: TrainState, schedule: LRSchedule, classes: list[str], cfg: Config,
-            info: dist.DistInfo, say: Progress) -> tuple[int, int]:
-    """Load a checkpoint into the run's state; returns (epoch to start, batches to skip in it)."""
+def restore(resumed: tuple[Path, dict], state: TrainState, train_loader, classes: list[str], cfg: Config,
+            info: dist.DistInfo, say: Progress) -> int:
+    """Load a checkpoint into the run's state and its training loader; returns the epoch to start. The loader
+    continues that epoch where the checkpoint left it (or says why it cannot); the trainer takes the epoch's
+    position from the loader."""
     path, raw = resumed
     ckpt = Checkpoint.from_dict(raw, path)
     state.restore(ckpt, path, cfg, classes, info.rank, info.world_size)
-    steps, saved_steps = schedule.steps_per_epoch, int(ckpt.schedule["steps_per_epoch"])
     start_epoch, step = ckpt.epoch, ckpt.step
-    skip = step - start_epoch * saved_steps  # batches of epoch `start_epoch` already trained (preemption)
-    if skip and saved_steps != steps:
-        say.write(f"warning: {path.name} was saved {skip} steps into an epoch of {saved_steps} steps; this run "
-                  f"has {steps} steps/epoch (batch or world size changed): epoch {start_epoch + 1} restarts")
-        skip = 0
-    schedule.load_state_dict({"step_count": start_epoch * steps + skip})
-    say.write(f"resumed from {path} (" + (f"{skip} steps into epoch {start_epoch + 1}" if skip else
+    into = step - start_epoch * int(ckpt.schedule.get("steps_per_epoch", 0))  # steps of the next epoch done
+    if ckpt.version < 2:
+        if into > 0:
+            say.write(f"resume: {path.name} was written before checkpoints kept the loaders' state; it stopped "
+                      f"{into} steps into epoch {start_epoch + 1}, which restarts from its beginning (those "
+                      "batches are trained again)")
+    elif ckpt.loaders:
+        mine = ckpt.loaders[info.rank] if len(ckpt.loaders) == info.world_size else ckpt.loaders[0]
+        if int(mine.get("epoch", -1)) == start_epoch:  # else it ended the epoch before: nothing to continue
+            note = train_loader.load_state_dict(mine)
+            if note:
+                say.write(f"resume: {note}")
+    say.write(f"resumed from {path} (" + (f"{into} steps into epoch {start_epoch + 1}" if into > 0 else
                                           f"epoch {start_epoch} done") + f", global step {step})")
-    return start_epoch, skip
+    return start_epoch
 
 
 def train(cfg: Config, stop: StopFlag | None = None) -> dict:
@@ -134,7 +141,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
                           f"{len(classes)}): make both splits from the same class list")
     # ---- resume: every rank reads the same file
     ckpts = CheckpointDir(out / "checkpoints", run.keep_last, info.is_main)
-    start_epoch, skip = 0, 0
+    start_epoch = 0
     resumed = None
     if run.resume == "auto":
         resumed = agree_on_resume(ckpts.dir, info)
@@ -176,7 +183,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     state = TrainState(model, optimizer, scaler, schedule, ema, say=say.write)
 
     if resumed is not None:
-        start_epoch, skip = restore(resumed, state, schedule, classes, cfg, info, say)
+        start_epoch = restore(resumed, state, train_loader, classes, cfg, info, say)
         if start_epoch >= run.epochs:  # a job re-queued after it finished: keep its results as they are
             say.write(f"{out}: all {run.epochs} epochs are done ({resumed[0].name}); nothing to train. Raise "
                       "--epochs to train further.")
@@ -185,11 +192,6 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
                 "arch": cfg.model.arch, "epochs": run.epochs, "out": str(out), "world_size": info.world_size,
                 "best": state.best, "final": None, "images_per_sec": None, "wall_time": 0.0}
             return {**summary, "rank": info.rank, "already_done": True}
-        if skip and cfg.data.loader == "dali":
-            say.write(f"note: DALI cannot replay epoch {start_epoch + 1}'s sample order (its pipeline shuffles one "
-                      "continuous stream across epochs), so the rest of that epoch draws from a fresh order: in "
-                      "this one epoch some samples are seen twice and some not at all; later epochs see each "
-                      "sample once. --loader torch resumes exactly.")
     else:
         seed_everything(run.seed + info.rank, run.deterministic)  # per-rank randomness from here on
 
@@ -198,7 +200,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         cfg.save(out / "config.json")
     net = dist.wrap_ddp(model, info)
     if cfg.model.compile:
-        net = torch.compile(net)
+        net = compile_model(net, shapes=len({resolution_at(e, run, cfg.data.resolution) for e in range(run.epochs)}))
     metrics = MetricsLog(out, info.is_main, run.tensorboard, start_epoch)
     should_stop = make_should_stop(stop, info)
     say.write(f"{cfg.model.arch} | {len(classes)} classes | {cfg.data.loader} loader | {info.world_size} rank(s) "
@@ -211,7 +213,8 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         """`epoch`: epochs completed (what resume counts from); the file is named after the epoch as the screen
         numbers it: the one just finished, or (mid_epoch) the one in progress."""
         rngs = dist.all_gather_object(rng_state(), info)  # collective: every rank gets here
-        ckpt = state.capture(epoch=epoch, step=step, rngs=rngs, loaders=[], cfg=cfg, classes=classes,
+        loaders = dist.all_gather_object(train_loader.state_dict(), info)
+        ckpt = state.capture(epoch=epoch, step=step, rngs=rngs, loaders=loaders, cfg=cfg, classes=classes,
                              world_size=info.world_size)
         return ckpts.save(ckpt.to_dict(), epoch + mid_epoch, step, best=is_best)
 
@@ -229,15 +232,19 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         res = resolution_at(epoch, run, cfg.data.resolution)
         train_loader.set_resolution(res)
         train_loader.set_epoch(epoch)
-        say.start(epoch, run.epochs, steps, res, skip)
+        # A resumed epoch starts where the loader continues it; the schedule follows (after a change of ranks,
+        # from the share of the epoch's samples already trained).
+        start, left = train_loader.position()
+        schedule.load_state_dict({"step_count": epoch * steps + start})
+        say.start(epoch, run.epochs, steps, res, start)
         stats = train_one_epoch(net, train_loader, optimizer, schedule, scaler, autocast, loss_fn, ema,
-                                steps=steps, log_every=run.log_every, should_stop=should_stop, log=say.log,
-                                skip=skip, mean_across=lambda t: dist.mean_across(t, info), grad_clip=o.grad_clip,
-                                grad_accum=o.grad_accum, batch_transform=build_mix(o, len(classes)))
+                                steps=min(steps, start + left), log_every=run.log_every, should_stop=should_stop,
+                                log=say.log, start=start, mean_across=lambda t: dist.mean_across(t, info),
+                                grad_clip=o.grad_clip, grad_accum=o.grad_accum,
+                                batch_transform=build_mix(o, len(classes)))
         say.close()
-        skip = 0
         global_step = epoch * steps + stats.steps
-        if stats.stopped:  # preempted mid-epoch: save where we are; resume skips the batches already seen
+        if stats.stopped:  # preempted mid-epoch: save where we are (the loaders' states say where to go on)
             return stopped(checkpoint(epoch, global_step, mid_epoch=True), global_step)
         train_time = time.perf_counter() - t_epoch
         images = dist.all_reduce_sum(torch.tensor([stats.images], device=device), info).item()

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import RECIPES, Config, ConfigError, from_dict, load_config, parse_override, resolve
+from train.config import Config, ConfigError, from_dict, load_config, parse_override, recipe_names, resolve
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
+@pytest.mark.parametrize("name", recipe_names())
 def test_every_recipe_loads(name):
     cfg = load_config(name, {"data.path": "/data/shards"})
     assert cfg.run.epochs > 0 and cfg.data.batch_size > 0
@@ -17,7 +17,7 @@ def test_every_recipe_loads(name):
 
 
 def test_required_recipes_exist():
-    names = {p.stem for p in RECIPES.glob("*.yaml")}
+    names = set(recipe_names())
     assert {"resnet50_imagenet", "resnet50_fast", "resnet18_16ep", "imagenette_quick", "synthetic_quick"} <= names
 
 
@@ -88,7 +88,8 @@ def test_resolve_cpu_precision():
     ("data.val_resize_ratio", 0, "val_resize_ratio=0"), ("data.min_area", 2, "min_area=2"),
     ("optim.momentum", -3, "momentum=-3"), ("optim.weight_decay", -1, "weight_decay=-1"),
     ("optim.optimizer", "adam", "expected one of sgd, adamw, lars, lamb"), ("optim.betas", [0.9], "two values"),
-    ("optim.grad_clip", -1, "grad_clip=-1"), ("optim.grad_accum", 0, "grad_accum=0"), ("optim.cutmix", -1, "cutmix=-1")])
+    ("optim.grad_clip", -1, "grad_clip=-1"), ("optim.grad_accum", 0, "grad_accum=0"), ("optim.cutmix", -1, "cutmix=-1"),
+    ("data.auto_augment", "rand", "auto_augment=.rand."), ("data.random_erase", 1.5, "random_erase=1.5")])
 def test_out_of_range_values_are_refused(key, value, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, {"data.loader": "synthetic", key: value})

@@ -27,7 +27,8 @@ def _parts(net, o: OptimConfig):
 @pytest.mark.parametrize("name,cls", [("sgd", "SGD"), ("adamw", "AdamW"), ("lars", "Lars"), ("lamb", "Lamb")])
 def test_every_optimizer_builds_and_lowers_the_loss(name, cls):
     net = _net()
-    o = OptimConfig(optimizer=name, lr={"sgd": 0.05, "lars": 5.0}.get(name, 0.01), weight_decay=1e-4)  # LARS: lr x 0.001 trust
+    lr = {"sgd": 0.05, "lars": 5.0}.get(name, 0.01)  # LARS: the lr times the trust ratio (coefficient 0.001)
+    o = OptimConfig(optimizer=name, lr=lr, weight_decay=1e-4)
     opt, scaler, autocast = _parts(net, o)
     assert type(opt).__name__ == cls and len(opt.param_groups) == 2  # decay / no-decay groups kept
     if name == "lamb":

@@ -356,7 +356,7 @@ def test_the_schedule_is_fitted_to_the_run_and_printed_once(tmp_path, capsys):
 
 def test_lamb_with_accumulation_clipping_and_mixing_trains_and_resume_keeps_its_optimizer(tmp_path, capsys,
                                                                                            monkeypatch):
-    import train.run as run_mod
+    import train.trainer as run_mod  # the epoch driver calls train_one_epoch
 
     seen = []
     real_epoch = run_mod.train_one_epoch
