@@ -157,7 +157,7 @@ def load_split(path: str | Path, split: str) -> tuple["Manifest", "Split"]:
         raise ManifestError(f"{manifest.root / 'manifest.json'}: no classes listed; rebuild with "
                             f"`imt-make-shards --src <data> --out {manifest.root}`")
     for shard in sp.shards:
-        check_shard_pair(shard, split, manifest.root, manifest.adopted)
+        check_shard_pair(shard, split, manifest.root, manifest.label_ext)
     return manifest, sp
 
 
