@@ -36,7 +36,8 @@ from .augment import torch_transforms
 from .common import (Position, epoch_plan, label_outside, load_split, normalise, num_batches,
                      read_label, torch_dtype)
 from .config import DataConfig
-from .manifest import read_index
+from .manifest import MANIFEST_NAME, ManifestError, read_index
+from .orphans import exit_with_parent
 
 
 def _seed(*parts: int) -> int:
@@ -97,19 +98,24 @@ class FolderSource:
     def __init__(self, root: Path, classes_root: Path | None = None):
         from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+        # ManifestError (a ValueError), as for shards: the trainer's CLI prints its message without a traceback.
+        if (root.parent / MANIFEST_NAME).is_file():  # `--loader folder` given a shard folder
+            raise ManifestError(f"{root.parent} holds shards ({MANIFEST_NAME}), not an ImageFolder tree: read it "
+                                "with --loader dali or --loader torch (--loader folder reads "
+                                "<path>/<split>/<class>/*.JPEG)")
         for folder in (root, classes_root):
             if folder is not None and not folder.is_dir():
-                raise FileNotFoundError(f"{folder}: no such folder (loader='folder' reads "
-                                        f"<path>/<split>/<class>/*.JPEG)")
+                raise ManifestError(f"{folder}: no such folder (loader='folder' reads "
+                                    f"<path>/<split>/<class>/*.JPEG)")
         self.classes, class_to_idx = find_classes(str(classes_root or root))
         unknown = sorted(set(find_classes(str(root))[0]) - set(self.classes))
         if unknown:
-            raise ValueError(f"{root} has class folders that {classes_root} lacks ({', '.join(unknown[:5])}"
+            raise ManifestError(f"{root} has class folders that {classes_root} lacks ({', '.join(unknown[:5])}"
                              f"{', ...' if len(unknown) > 5 else ''}): the model cannot predict them. Add them "
                              "to the training split or remove them here")
         self.samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
         if not self.samples:
-            raise FileNotFoundError(f"{root} holds no image files ({', '.join(IMG_EXTENSIONS)})")
+            raise ManifestError(f"{root} holds no image files ({', '.join(IMG_EXTENSIONS)})")
         self.root = root
 
     def __len__(self) -> int:
@@ -203,10 +209,16 @@ class _Batches(IterableDataset):
 
 def _worker_context():
     """The forkserver imports torch and this module once; each worker is then a cheap fork of it
-    (without the preload every worker imported torch itself: the pipeline tests took 100 s instead of 30)."""
+    (without the preload every worker imported torch itself: the pipeline tests took 100 s instead of 30).
+    It also imports _forkserver_preload, which makes it end when the trainer dies (kill -9 included)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torchvision", __name__])
+    ctx.set_forkserver_preload(["torch", "torchvision", __name__, "pipeline._forkserver_preload"])
     return ctx
+
+
+def _init_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: the worker ends when its parent, the forkserver, does (pipeline.orphans)."""
+    exit_with_parent()
 
 
 MAX_SEGMENTS = 16  # resumes of one epoch on another number of ranks or batch size
@@ -241,7 +253,8 @@ class _TorchLoader:
             self.dataset, batch_size=None, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=max(1, cfg.prefetch) if workers > 0 else None,
-            multiprocessing_context=_worker_context() if workers > 0 else None)
+            multiprocessing_context=_worker_context() if workers > 0 else None,
+            worker_init_fn=_init_worker if workers > 0 else None)
 
     def __len__(self) -> int:
         return self._len

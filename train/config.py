@@ -263,6 +263,8 @@ def validate(cfg: Config) -> None:
     _check(not d.verify or d.loader in ("dali", "torch"), f"data.verify checks shards; loader {d.loader!r} reads "
            "none (drop --verify, or make shards with imt-make-shards and use --loader dali or torch)")
     _check(d.batch_size > 0, f"data.batch_size={d.batch_size}: must be positive")
+    _check(d.workers >= 0, f"data.workers={d.workers}: loader threads/processes per rank, 0 or more (torch: 0 "
+                           "loads in the training process)")
     _check(d.resolution >= 16 and d.val_resolution >= 16, "data.resolution/val_resolution: at least 16 px")
     _check(p.dtype in PRECISIONS, f"precision.dtype={p.dtype!r}: expected one of {', '.join(PRECISIONS)}")
     _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: expected one of {', '.join(SCHEDULES)}")
@@ -300,6 +302,13 @@ def validate(cfg: Config) -> None:
     _check(m.arch in known, f"model.arch={m.arch!r} is not a torchvision classification model; e.g. "
                             f"resnet18, resnet50, vgg16_bn, densenet121, inception_v3 (all: {len(known)} in "
                             "torchvision.models.list_models(module=torchvision.models))")
+    from train.model import fixed_input_size
+    if fixed := fixed_input_size(m.arch):
+        ramp = {r.start_res, r.end_res or d.resolution} if r.start_res else set()
+        used = sorted({d.resolution, d.val_resolution} | ramp)
+        _check(used == [fixed], f"model.arch={m.arch} takes {fixed}x{fixed} px images only (torchvision builds it "
+                                f"for that size), but this run uses {', '.join(map(str, used))} px: pass "
+                                f"--resolution {fixed} and no progressive resizing (run.start_res=0)")
 
 
 def cuda_bf16_native(device: "torch.device") -> bool:  # noqa: F821

@@ -29,6 +29,15 @@ def build_model(arch: str, num_classes: int, *, zero_init_residual: bool = False
     return model
 
 
+def fixed_input_size(arch: str) -> int | None:
+    """The one input size a model takes, for those torchvision builds for a single size when no weights are
+    given: ViTs (position embeddings; `_vision_transformer` defaults image_size to 224) and MaxViT (attention
+    grids; `_maxvit` defaults input_size to (224, 224)). Checked with torchvision 0.29: vit_b_16 at 64 px
+    fails with "Wrong image height! Expected 224 but got 64!", maxvit_t at 64 and 256 px with a reshape error.
+    None: any size works."""
+    return 224 if arch.startswith(("vit_", "maxvit_")) else None
+
+
 def zero_init_last_bn(model: nn.Module) -> int:
     """Zero the last BN gamma of each ResNet-style block so each residual branch starts as the identity
     (Goyal et al. 2017); returns how many blocks were found (0 for non-residual models)."""

@@ -415,3 +415,16 @@ def test_folder_validation_labels_follow_the_training_classes(synthetic_root, tm
     shutil.copyfile(next((root / "train").rglob("*.JPEG")), root / "val" / "zebras" / "z.JPEG")
     with pytest.raises(ValueError, match="class folders that .* lacks \\(zebras\\)"):
         _make("folder", _cfg(root), split="val", train=False)
+
+
+def test_folder_loader_refuses_a_shard_folder_and_the_cli_says_so(synthetic_shards, tmp_path):
+    """`--loader folder` on a shard folder used to end in a FileNotFoundError traceback."""
+    from click.testing import CliRunner
+
+    from train.run import main
+
+    with pytest.raises(ManifestError, match="holds shards \\(manifest.json\\), not an ImageFolder tree.*--loader dali"):
+        _make("folder", _cfg(synthetic_shards))
+    r = CliRunner().invoke(main, ["--data", str(synthetic_shards), "--loader", "folder", "--out", str(tmp_path / "r"),
+                                  "--device", "cpu", "--arch", "resnet18"])
+    assert r.exit_code == 1 and "not an ImageFolder tree" in r.output and "Traceback" not in r.output, r.output

@@ -110,3 +110,16 @@ def test_resolve_cuda_auto_precision_ignores_emulated_bf16(monkeypatch, major, e
     cfg = load_config(None, {"data.loader": "synthetic"})
     r = resolve(cfg, torch.device("cuda", 0))
     assert r.precision.dtype == r.data.dtype == expected
+
+
+def test_negative_workers_and_a_vit_at_another_size_are_refused():
+    with pytest.raises(ConfigError, match=r"data.workers=-3: loader threads/processes per rank, 0 or more"):
+        load_config(None, {"data.loader": "synthetic", "data.workers": -3})
+    with pytest.raises(ConfigError, match=r"model.arch=vit_b_16 takes 224x224 px images only .* uses 64 px: pass "
+                                          r"--resolution 224"):
+        load_config(None, {"data.loader": "synthetic", "model.arch": "vit_b_16", "data.resolution": 64,
+                           "data.val_resolution": 64})
+    with pytest.raises(ConfigError, match=r"uses 128, 224 px"):  # a progressive-resizing ramp from 128 px
+        load_config(None, {"data.loader": "synthetic", "model.arch": "vit_b_16", "run.start_res": 128})
+    load_config(None, {"data.loader": "synthetic", "model.arch": "vit_b_16", "data.resolution": 224})
+    load_config(None, {"data.loader": "synthetic", "model.arch": "resnet18", "data.resolution": 64})
