@@ -26,11 +26,16 @@ Choices, with reasons:
   ranks, so a rank's share size is fixed); samples are then shuffled through an `initial_fill`
   buffer with a per-rank seed. The pipeline is a continuous stream: epoch e's order is a function
   of (seed, rank, world, e - first epoch of this pipeline). `set_epoch(e)` keeps the stream when
-  e is the next epoch and rebuilds it seeded by (seed, e) otherwise (resume, jumping epochs). So a
-  mid-epoch resume cannot replay the interrupted epoch's order: the rest of that epoch comes from a
-  fresh order (train.run says so); rebuilding every epoch would make the order a pure function of
-  (seed, e) at the price of a pipeline start and buffer refill per epoch, which was not measured on a
-  GPU, so the continuous stream stays.
+  e is the next epoch and rebuilds it seeded by (seed, e) otherwise (jumping epochs). The loader
+  resets DALI's iterator itself when it hands out an epoch's last batch, so the stream continues
+  whether or not its consumer asks for one more batch.
+- Resume: the training pipeline is built with `enable_checkpointing=True`, and `state_dict()` holds
+  DALI's checkpoint of it (reader positions and shuffle buffers, every random generator's state: a few
+  hundred bytes) taken at the last batch handed out, mid-epoch or between epochs. `load_state_dict`
+  rebuilds the pipeline with the seeds it was first built with and restores that checkpoint, so the
+  resumed run yields the batches the uninterrupted one would have: same keys, and on the CPU the same
+  pixels (tests/pipeline/test_resume.py). DALI's checkpoint restores only an identical pipeline: with
+  another number of ranks or batch size the interrupted epoch restarts (the log says so).
   Validation reads the stored order with `stick_to_shard`.
 - EXIF orientation is ignored (`adjust_orientation=False`), as torchvision/PIL's ImageFolder
   does, so both loaders (and pretrained torchvision weights) see the same pixels.
