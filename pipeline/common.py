@@ -150,12 +150,20 @@ def epoch_plan(order: list[int], world: int, rank: int, batch: int, drop_last: b
     after `done` batches. What the last of them left, in the order its ranks would have read it, is
     split among this run's ranks by rank_batches again: every sample of the epoch is trained exactly
     once across all the runs, and every rank of this run gets the same number of non-empty batches.
-    Without segments it is the whole epoch."""
+    Without segments it is the whole epoch. When the rest is too small to give every rank equal non-empty
+    batches (fewer samples than ranks, say), the first world - 1 at most are repeated to fill it: trained
+    twice rather than lost."""
     todo = list(order)
     for w, b, done in segments:
         todo = [i for r in range(w) for part in rank_batches(todo, w, r, b, drop_last)[done:] for i in part]
-    if len(todo) < world:  # a handful of samples cannot give every rank a batch
+    if not todo:
         return []
+    if segments:  # decided alike on every rank: can each of them get its batches from this rest?
+        try:
+            for r in range(world):
+                rank_batches(todo, world, r, batch, drop_last)
+        except ValueError:
+            todo += todo[:(-len(todo)) % world]  # equal shares: every rank the same batches, none to split
     return rank_batches(todo, world, rank, batch, drop_last)
 
 

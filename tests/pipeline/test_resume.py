@@ -172,3 +172,12 @@ def test_synthetic_loader_resumes_at_its_position():
     assert "continues at batch 3" in again.load_state_dict(lo.state_dict())
     assert again.position() == (2, 4) and [len(b[1]) for b in again] == [8, 8, 8, 4]
     assert [len(b[1]) for b in again] == [8] * 5 + [4]  # the next epoch is whole
+
+
+def test_elastic_rest_too_small_for_every_rank_repeats_a_few_rather_than_losing_them():
+    order = list(range(20))
+    trained = [0, 1, 2, 3, 4, 5, 6, 7, 8] + [10, 11, 12, 13, 14, 15, 16, 17, 18]  # 2 ranks, 1 batch of 9 each
+    rest = [epoch_plan(order, 3, r, 1, False, [(2, 9, 1)]) for r in range(3)]
+    assert [len(p) for p in rest] == [1, 1, 1]
+    seen = collections.Counter(trained + [i for p in rest for b in p for i in b])
+    assert set(seen) == set(order) and sum(seen.values()) - len(order) <= 2
