@@ -127,7 +127,7 @@ def test_cli_stopped_by_a_signal_then_resume_auto_ends_with_the_uninterrupted_we
 
 def test_a_checkpoint_from_before_loader_states_resumes_at_its_epoch_boundary(tmp_path, capsys):
     cfg = load_config(None, {**SYNTH, "run.epochs": 2, "run.out": str(tmp_path / "run")})
-    train(cfg, stop=StopAfter(5))  # 4 steps per epoch: stops at step 2 of epoch 2
+    train(cfg, stop=StopAfter(5))  # 4 steps per epoch: stops after step 1 of epoch 2
     path = list_checkpoints(tmp_path / "run" / "checkpoints")[0]
     old = {k: v for k, v in load_checkpoint(path).items() if k not in ("loaders", "version", "mean", "std")}
     save_checkpoint(old, path)
@@ -135,7 +135,8 @@ def test_a_checkpoint_from_before_loader_states_resumes_at_its_epoch_boundary(tm
     summary = train(load_config(None, {**SYNTH, "run.epochs": 2, "run.out": str(tmp_path / "run"),
                                        "run.resume": "auto"}))
     said = capsys.readouterr().out
-    assert "written before checkpoints kept the loaders' state" in said and "epoch 2, which restarts" in said
+    assert "written before checkpoints kept the loaders' state, so epoch 2 starts from its beginning" in said
+    assert "taken after 1 of its steps" in said
     assert summary["final"] is not None and "Traceback" not in said
     assert load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[0])["step"] == 8
 
