@@ -156,15 +156,34 @@ def epoch_plan(order: list[int], world: int, rank: int, batch: int, drop_last: b
     todo = list(order)
     for w, b, done in segments:
         todo = [i for r in range(w) for part in rank_batches(todo, w, r, b, drop_last)[done:] for i in part]
+    return split_rest(todo, world, rank, batch, drop_last) if segments else \
+        rank_batches(todo, world, rank, batch, drop_last)
+
+
+def split_rest(todo: list[int], world: int, rank: int, batch: int, drop_last: bool) -> list[list[int]]:
+    """rank_batches of what is left of an epoch; when that rest cannot give every rank equal non-empty
+    batches (fewer samples than ranks, say), at most world - 1 of its samples are repeated to fill it,
+    decided alike on every rank."""
     if not todo:
         return []
-    if segments:  # decided alike on every rank: can each of them get its batches from this rest?
-        try:
-            for r in range(world):
-                rank_batches(todo, world, r, batch, drop_last)
-        except ValueError:
-            todo += todo[:(-len(todo)) % world]  # equal shares: every rank the same batches, none to split
+    try:
+        for r in range(world):
+            rank_batches(todo, world, r, batch, drop_last)
+    except ValueError:
+        todo = todo + todo[:(-len(todo)) % world]  # equal shares: every rank the same batches, none to split
     return rank_batches(todo, world, rank, batch, drop_last)
+
+
+def combine_states(states: list[dict], world: int, rank: int) -> dict:
+    """The loader state for `rank` of a run on `world` ranks, from the states a checkpoint keeps (one per rank
+    of the run that saved it): that rank's own when the number of ranks is the same, else rank 0's; plus, where
+    the loader records which samples it trained this epoch ("consumed"), all ranks' together
+    ("consumed_all"), from which a loader can tell what is left of the epoch."""
+    out = dict(states[rank] if len(states) == world else states[0])
+    if all("consumed" in s for s in states):
+        out["consumed_all"] = torch.cat([torch.as_tensor(s["consumed"], dtype=torch.int64).reshape(-1)
+                                         for s in states]).unique()
+    return out
 
 
 class Position:

@@ -56,7 +56,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .common import MEAN, STD, Position, load_split, rank_batches, torch_dtype
+from .common import MEAN, STD, Position, load_split, rank_batches, split_rest, torch_dtype
 from .config import DataConfig
 
 # nvJPEG buffers sized for the largest ImageNet training image (NVIDIA's RN50 example), so the
@@ -77,10 +77,12 @@ def _seed(*parts: int) -> int:
 @pipeline_def(enable_conditionals=False)
 def _graph(tars, indexes, *, train: bool, gpu: bool, size: int, resize_shorter: int,
            cfg: DataConfig, shard_id: int, num_shards: int, reader_seed: int, order_seed: int,
-           keys: bool):
+           keys: bool, one_epoch: bool = False):
     reader_args = dict(random_shuffle=True, initial_fill=cfg.shuffle_buffer, seed=reader_seed,
                        shuffle_after_epoch=True, shuffle_after_epoch_seed=order_seed) if train else \
         dict(stick_to_shard=True)
+    if one_epoch:  # the rest of an epoch after a change of ranks: this rank's own samples, shuffled once
+        reader_args = dict(random_shuffle=True, initial_fill=cfg.shuffle_buffer, seed=reader_seed)
     jpegs, labels = fn.readers.webdataset(
         paths=tars, index_paths=indexes, ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT64],
         shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name="Reader",
@@ -112,7 +114,7 @@ def _graph(tars, indexes, *, train: bool, gpu: bool, size: int, resize_shorter: 
         dtype=types.FLOAT16 if cfg.dtype == "float16" or (cfg.dtype == "bfloat16" and gpu) else types.FLOAT,
         output_layout="HWC", **crop)
     outputs = [images, labels.gpu() if gpu else labels]
-    if keys:  # tests only: "<tar>:<offset>:<key>.jpg", zero-padded to a dense batch
+    if keys:  # "<tar>:<offset>:<key>.jpg", zero-padded to a dense batch: which samples were trained
         outputs.append(fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0))
     return tuple(outputs)
 
@@ -180,6 +182,10 @@ class DaliLoader:
         self.pos = Position("dali", world=w, rank=self.rank, batch=b, drop_last=self.drop_last, seed=cfg.seed,
                             samples=n)
         self._left_at: dict | None = None  # the DALI checkpoint of a pipeline left mid-epoch (stop, step cap)
+        # Samples (index in the split: make_shards names them <split>_<index>) trained this epoch: what a
+        # resume on other ranks must not train again. DALI's own order is internal to its reader.
+        self._consumed: list[int] = []
+        self._elastic: tuple | None = None  # (epoch, state, this rank's batches) of a resume on other ranks
 
     # --- contract ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -204,30 +210,63 @@ class DaliLoader:
     def state_dict(self) -> dict:
         """The position plus DALI's own checkpoint of the pipeline at that point (reader positions, shuffle
         buffers, every random generator: `enable_checkpointing`), and what the pipeline was built with."""
-        extra = {"dali": b"", "built_epoch": self._first_epoch, "resolution": self._built_resolution or 0}
+        extra = {"dali": b"", "built_epoch": self._first_epoch, "resolution": self._built_resolution or 0,
+                 "consumed": torch.tensor(self._consumed if self.pos.done else [], dtype=torch.int64),
+                 "one_epoch": self._first_epoch < 0}
         if self._left_at is not None and (self._left_at["epoch"], self._left_at["done"]) == \
                 (self.pos.epoch, self.pos.done):
             extra.update(dali=self._left_at["dali"], built_epoch=self._left_at["built_epoch"],
                          resolution=self._left_at["resolution"])
-        elif self._iter is not None and self.train:
+        elif self._iter is not None and self.train and self._first_epoch >= 0:
             extra["dali"] = self._checkpoint()
         return self.pos.state_dict(**extra)
 
     def load_state_dict(self, state: dict) -> str:
         """Same ranks and batch size: the pipeline is rebuilt from DALI's checkpoint, so the epoch continues
         with exactly the samples and augmentations the interrupted run would have produced next. DALI's
-        checkpoint restores only an identical pipeline, so with other ranks or batch size the epoch restarts."""
-        return self.pos.load(state, elastic=False)
+        checkpoint restores only an identical pipeline: on other ranks or another batch size (`state` then
+        joins every old rank's "consumed", common.combine_states), the samples no rank trained are split among
+        the new ranks (rank_batches) and each rank's pipeline reads exactly its part, once."""
+        self._elastic = None
+        note = self.pos.load(state, elastic=True)
+        if self.pos.pending is not None and (state.get("one_epoch") or not self.pos.same_run(state)):
+            if "consumed_all" not in state:
+                self.pos.pending = None
+                return (f"epoch {int(state['epoch']) + 1} restarts from its beginning: the state does not say "
+                        "which samples every rank trained (pass all ranks' states through "
+                        "pipeline.common.combine_states)")
+            epoch = int(state["epoch"])
+            trained = set(torch.as_tensor(state["consumed_all"]).tolist())
+            rest = [i for i in range(self.split.num_samples) if i not in trained]
+            g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, len(trained)))
+            order = [rest[i] for i in torch.randperm(len(rest), generator=g).tolist()]
+            self._elastic = (epoch, sorted(trained), split_rest(order, self.world, self.rank,
+                                                                self.cfg.batch_size, self.drop_last))
+        return note
 
     def position(self) -> tuple[int, int]:
         resume = self.pos.resume_for(self.epoch)
+        if resume is not None and self._elastic is not None and self._elastic[0] == self.epoch:
+            return self._len - len(self._elastic[2]), len(self._elastic[2])
         start = resume[1] if resume else 0
         return start, self._len - start
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         resume = self.pos.pending if self.pos.resume_for(self.epoch) else None
+        elastic = self._elastic if resume is not None and self._elastic and self._elastic[0] == self.epoch \
+            else None
+        self._elastic = None
         _, start = self.pos.begin(self.epoch)
         self.pos.end = self._len
+        self._consumed = [int(i) for i in torch.as_tensor(resume["consumed"]).tolist()] if resume else []
+        if elastic is not None:
+            self.pos.done = start = 0
+            self.pos.end = len(elastic[2])
+            # Rank 0 carries what the earlier runs trained, so all ranks' states together still say it all.
+            self._consumed = list(elastic[1]) if self.rank == 0 else []
+            self._build_rest([i for b in elastic[2] for i in b])
+            yield from self._epoch_batches(0, size=sum(map(len, elastic[2])), length=len(elastic[2]))
+            return
         if resume is not None and resume.get("dali") and int(resume["resolution"]) == self.resolution:
             self._build(checkpoint=resume["dali"], built_epoch=int(resume["built_epoch"]))
         elif resume is not None:  # made at another resolution: the uninterrupted run rebuilt here too
@@ -258,18 +297,55 @@ class DaliLoader:
             resize_shorter=int(cfg.val_resolution / cfg.val_resize_ratio), cfg=cfg,
             shard_id=self.rank, num_shards=self.world,
             reader_seed=_seed(cfg.seed, first, self.rank), order_seed=_seed(cfg.seed, first),
-            keys=self.keys, batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
+            keys=self.keys or self.train, batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
             device_id=(self.device.index or 0) if self.gpu else None,
             prefetch_queue_depth=cfg.prefetch, seed=_seed(cfg.seed, first, self.rank, 1),
             enable_checkpointing=self.train, checkpoint=checkpoint or None)
         pipe.build()
-        names = ["images", "labels"] + (["keys"] if self.keys else [])
+        names = ["images", "labels"] + (["keys"] if self.keys or self.train else [])
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         self._pipe = pipe
         self._iter = DALIGenericIterator([pipe], names, reader_name="Reader",
                                          last_batch_policy=policy, auto_reset=False)
         self._first_epoch, self._epochs_done = first, self.epoch - first
         self._built_resolution = size
+
+    def _build_rest(self, samples: list[int]) -> None:
+        """A pipeline for one epoch that reads exactly `samples` (indices in the split), through index files
+        that list only them (the shard's own .idx lines: DALI reads them by offset, nothing is copied)."""
+        import tempfile
+        from pathlib import Path
+
+        self._iter = self._pipe = None
+        self._left_at = None
+        wanted = set(samples)
+        tars, indexes, first = [], [], 0
+        with tempfile.TemporaryDirectory(prefix="imt-rest-") as tmp:
+            for si, shard in enumerate(self.split.shards):
+                lines = Path(shard.index).read_text().splitlines()[1:]
+                mine = [ln for j, ln in enumerate(lines) if first + j in wanted]
+                first += len(lines)
+                if mine:
+                    index = Path(tmp) / f"{si:06d}.idx"
+                    index.write_text(f"v1.2 {len(mine)}\n" + "\n".join(mine) + "\n")
+                    tars.append(str(shard.tar))
+                    indexes.append(str(index))
+            cfg = self.cfg
+            pipe = _graph(
+                tars, indexes, train=True, gpu=self.gpu, size=self.resolution,
+                resize_shorter=int(cfg.val_resolution / cfg.val_resize_ratio), cfg=cfg, shard_id=0, num_shards=1,
+                reader_seed=_seed(cfg.seed, self.epoch, self.rank, 2), order_seed=0, keys=True, one_epoch=True,
+                batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
+                device_id=(self.device.index or 0) if self.gpu else None, prefetch_queue_depth=cfg.prefetch,
+                seed=_seed(cfg.seed, self.epoch, self.rank, 3))
+            pipe.build()  # reads the index files now
+        self._pipe = pipe
+        names = ["images", "labels", "keys"]
+        policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
+        self._iter = DALIGenericIterator([pipe], names, reader_name="Reader", last_batch_policy=policy,
+                                         auto_reset=False)
+        self._first_epoch, self._epochs_done = -1, 0  # never continued into another epoch
+        self._built_resolution = self.resolution
 
     def _checkpoint(self) -> bytes:
         return self._iter.checkpoints()[0]  # serialized protobuf (a few hundred bytes)
@@ -279,17 +355,18 @@ class DaliLoader:
         images = out["images"].permute(0, 3, 1, 2)
         images = images.to(self.device, self.dtype, non_blocking=True)
         labels = out["labels"].reshape(-1).to(self.device, non_blocking=True)
-        if not self.keys:
+        if "keys" not in out:
             return images, labels
         keys = [bytes(k.cpu().numpy()).rstrip(b"\0").decode().rsplit(":", 1)[-1].split(".")[0]
                 for k in out["keys"]]
-        return images, labels, keys
+        return (images, labels, keys) if self.keys else (images, labels)
 
-    def _epoch_batches(self, yielded: int = 0):
+    def _epoch_batches(self, yielded: int = 0, size: int | None = None, length: int | None = None):
         start, stop = self._share()
-        b = self.cfg.batch_size
-        # This rank's real batches; fewer than len(self) only in the empty-trailing-batch case.
-        mine = self._len if self.drop_last else math.ceil((stop - start) / b)
+        b, length = self.cfg.batch_size, self._len if length is None else length
+        size = stop - start if size is None else size
+        # This rank's real batches; fewer than `length` only in the empty-trailing-batch case.
+        mine = length if self.drop_last else math.ceil(size / b)
         finished = False
         try:
             for out in self._iter:
@@ -297,13 +374,16 @@ class DaliLoader:
                 n = batch[1].shape[0]
                 if n == 0:
                     continue  # DALI's all-padding batch
-                pieces = [batch]
-                if mine < self._len and yielded == mine - 1:
-                    # Split the last full batch so this rank also yields len(self) batches.
+                keys = self._keys(out[0]) if self.train else []
+                pieces = [(batch, keys)]
+                if mine < length and yielded == mine - 1:
+                    # Split the last full batch so this rank also yields `length` batches.
                     half = (n + 1) // 2
-                    pieces = [tuple(x[:half] for x in batch), tuple(x[half:] for x in batch)]
-                for piece in pieces:
-                    if yielded + 1 == self._len:
+                    pieces = [(tuple(x[:half] for x in batch), keys[:half]),
+                              (tuple(x[half:] for x in batch), keys[half:])]
+                for piece, trained in pieces:
+                    self._consumed.extend(trained)
+                    if yielded + 1 == length:
                         # The epoch's last batch: run DALI's iterator to its end (padding, or with drop_last
                         # the batches past it) and reset it before handing the batch out, so the next epoch
                         # continues the stream instead of rebuilding the pipeline, whether or not the
@@ -327,16 +407,21 @@ class DaliLoader:
         finally:
             if not finished:  # loop left mid-epoch (stop, step cap, error): keep DALI's checkpoint of this point
                 self._left_at = None
-                if self._iter is not None and self.train:
+                if self._iter is not None and self.train and self._first_epoch >= 0:
                     try:
                         self._left_at = {"epoch": self.pos.epoch, "done": self.pos.done, "dali": self._checkpoint(),
                                          "built_epoch": self._first_epoch, "resolution": self._built_resolution}
                     except RuntimeError:
                         pass  # the pipeline failed: nothing to resume from but the epoch's start
                 self._iter = self._pipe = None  # DALI cannot rewind: start afresh (or from that checkpoint)
-        if yielded != self._len:
+        if yielded != length:
             raise RuntimeError(f"DALI yielded {yielded} batches on rank {self.rank}, expected "
-                               f"{self._len}: ranks would fall out of step (please report this)")
+                               f"{length}: ranks would fall out of step (please report this)")
+
+    @staticmethod
+    def _keys(out: dict) -> list[int]:
+        """The batch's samples as indices in the split (make_shards names them <split>_<index>)."""
+        return [int(bytes(k.cpu().numpy()).rstrip(b"\0").rsplit(b"_", 1)[-1].split(b".")[0]) for k in out["keys"]]
 
     def _explain(self, e: RuntimeError) -> str | None:
         """A message that says what to do, or None to let the error through as it is."""

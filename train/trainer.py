@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pipeline import build_loader
+from pipeline.common import combine_states
 from train import dist
 from train.checkpoint import CheckpointDir, CheckpointError, StopFlag, find_resume, list_checkpoints, \
     load_checkpoint, rng_state
@@ -96,7 +97,7 @@ def restore(resumed: tuple[Path, dict], state: TrainState, train_loader, classes
                   + (f" (the checkpoint was taken after {into} of its steps: those batches are trained again)"
                      if into > 0 else ""))
     elif ckpt.loaders:
-        mine = ckpt.loaders[info.rank] if len(ckpt.loaders) == info.world_size else ckpt.loaders[0]
+        mine = combine_states(ckpt.loaders, info.world_size, info.rank)
         if int(mine.get("epoch", -1)) == start_epoch:  # else it ended the epoch before: nothing to continue
             note = train_loader.load_state_dict(mine)
             if note:
