@@ -34,8 +34,11 @@ Choices, with reasons:
   hundred bytes) taken at the last batch handed out, mid-epoch or between epochs. `load_state_dict`
   rebuilds the pipeline with the seeds it was first built with and restores that checkpoint, so the
   resumed run yields the batches the uninterrupted one would have: same keys, and on the CPU the same
-  pixels (tests/pipeline/test_resume.py). DALI's checkpoint restores only an identical pipeline: with
-  another number of ranks or batch size the interrupted epoch restarts (the log says so).
+  pixels (tests/pipeline/test_resume.py). DALI's checkpoint restores only an identical pipeline, and
+  its sample order is internal to the reader, so training pipelines also output each sample's key and
+  the state records the samples trained this epoch. On another number of ranks or batch size, what no
+  rank trained is split among the new ranks (common.split_rest) and each builds a one-epoch pipeline over
+  index files that list exactly its samples (lines of the shards' own .idx files: no data is copied).
   Validation reads the stored order with `stick_to_shard`.
 - EXIF orientation is ignored (`adjust_orientation=False`), as torchvision/PIL's ImageFolder
   does, so both loaders (and pretrained torchvision weights) see the same pixels.
