@@ -23,12 +23,12 @@ REPO = Path(__file__).resolve().parents[2]
 RECORDER = str(Path(__file__).with_name("_record_keys.py"))
 
 
-def _launch(world: int, out: Path, shards: Path, log: Path, epochs: int, *extra: str) -> list[str]:
+def _launch(world: int, out: Path, shards: Path, log: Path, epochs: int, loader: str, *extra: str) -> list[str]:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not found")
     return [torchrun, "--nproc_per_node", str(world), "--rdzv_backend", "c10d", "--rdzv_endpoint",
-            f"127.0.0.1:{_free_port()}", RECORDER, "--loader", "torch", "--data", str(shards), "--workers", "1",
+            f"127.0.0.1:{_free_port()}", RECORDER, "--loader", loader, "--set", "data.dali_device=cpu", "--data", str(shards), "--workers", "1",
             "--arch", "resnet18", "--epochs", str(epochs), "--batch-size", "8", "--resolution", "32", "--device",
             "cpu", "--out", str(out), "--set", "run.log_every=1", "--set", "run.tensorboard=false", *extra]
 
@@ -43,13 +43,14 @@ def _keys(log: Path) -> dict[int, collections.Counter]:
 
 
 @pytest.mark.slow  # 4 torchrun launches: several minutes on the shared 2-core machine
-@pytest.mark.parametrize("before,after", [(2, 3), (3, 1)])
-def test_elastic_resume_trains_every_sample_of_the_interrupted_epoch_once(tmp_path, synthetic_shards, before, after):
+@pytest.mark.parametrize("loader,before,after", [("torch", 2, 3), ("torch", 3, 1), ("dali", 2, 3)])
+def test_elastic_resume_trains_every_sample_of_the_interrupted_epoch_once(tmp_path, synthetic_shards, loader, before,
+                                                                          after):
     out, first, second = tmp_path / "run", tmp_path / "keys1", tmp_path / "keys2"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     stdout = tmp_path / "first.log"
     with open(stdout, "w") as sink:
-        proc = subprocess.Popen(_launch(before, out, synthetic_shards, first, 2), cwd=REPO, stdout=sink,
+        proc = subprocess.Popen(_launch(before, out, synthetic_shards, first, 2, loader), cwd=REPO, stdout=sink,
                                 stderr=subprocess.STDOUT, text=True, env={**env, "IMT_KEYS_LOG": str(first)})
         try:
             deadline = time.monotonic() + 400
@@ -64,7 +65,7 @@ def test_elastic_resume_trains_every_sample_of_the_interrupted_epoch_once(tmp_pa
     state = load_checkpoint(list_checkpoints(out / "checkpoints")[0])
     assert state["epoch"] == 1 and len(state["loaders"]) == before and state["loaders"][0]["done"] > 0
 
-    r = subprocess.run(_launch(after, out, synthetic_shards, second, 3, "--resume", "auto"), cwd=REPO,
+    r = subprocess.run(_launch(after, out, synthetic_shards, second, 3, loader, "--resume", "auto"), cwd=REPO,
                        capture_output=True, text=True, timeout=600, env={**env, "IMT_KEYS_LOG": str(second)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]  # no rank hung or failed
     assert f"continues on {after} rank(s)" in r.stdout
