@@ -28,7 +28,8 @@ def _launch(world: int, out: Path, shards: Path, log: Path, epochs: int, loader:
     if torchrun is None:
         pytest.skip("torchrun not found")
     return [torchrun, "--nproc_per_node", str(world), "--rdzv_backend", "c10d", "--rdzv_endpoint",
-            f"127.0.0.1:{_free_port()}", RECORDER, "--loader", loader, "--set", "data.dali_device=cpu", "--data", str(shards), "--workers", "1",
+            f"127.0.0.1:{_free_port()}", RECORDER, "--loader", loader, "--set", "data.dali_device=cpu", "--data",
+            str(shards), "--workers", "1",
             "--arch", "resnet18", "--epochs", str(epochs), "--batch-size", "8", "--resolution", "32", "--device",
             "cpu", "--out", str(out), "--set", "run.log_every=1", "--set", "run.tensorboard=false", *extra]
 
