@@ -44,7 +44,7 @@ from train.config import Config, ConfigError, load_config, parse_override, resol
 from train.evaluate import EvalResult, evaluate, save_report
 from train.loop import NonFiniteLoss, train_one_epoch
 from train.model import build_model, build_step_parts, prepare, unwrap
-from train.monitor import MetricsLog, Progress
+from train.monitor import MetricsLog, Progress, data_wait_note
 from train.schedule import LRSchedule, peak_lr, resolution_at
 
 
@@ -161,6 +161,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     run, device = cfg.run, info.device
     out = Path(run.out)
     say = Progress(info.is_main, info.world_size)
+    torch.set_num_threads(run.threads)  # resolved: see RunConfig.threads
     seed_everything(run.seed, run.deterministic)  # same seed on every rank: identical initial weights
 
     train_loader = build_loader(cfg.data, "train", info, train=True)
@@ -309,6 +310,8 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
                   + (f" | val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%" if last_eval else "")
                   + f" | {row['images_per_sec']:.0f} img/s | data wait {100 * row['data_wait_fraction']:.0f}%"
                   + f" | {res}px | {row['epoch_time']:.1f}s")
+        if epoch == start_epoch and (note := data_wait_note(row["data_wait_fraction"], cfg.data.path)):
+            say.write(note)
         if dist.any_true(stop.requested, info):  # the signal came during the epoch's last steps or eval
             return stopped(path, global_step)
 
@@ -372,10 +375,14 @@ def print_summary(summary: dict) -> None:
 @click.option("--finetune", type=click.Choice(["full", "linear"]), help="With --pretrained: 'full' trains "
               "everything (backbone at optim.backbone_lr_mult x the lr), 'linear' only the new classifier.")
 @click.option("--freeze-bn/--no-freeze-bn", default=None, help="Keep BN statistics at their pretrained values.")
+@click.option("--tune", "tune", type=click.Path(exists=True, dir_okay=False),
+              help="Loader settings written by imt-tune (a YAML overlay): applied over the recipe, under the options.")
+@click.option("--threads", type=click.IntRange(0), help="torch threads per rank [default: 0 = auto: this rank's "
+              "cores minus data.workers, at least 1; torch's own default spins against the loader on busy CPUs].")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override any config key, e.g. --set optim.ema_decay=0.9999 --set run.tta_flip=true.")
 def main(recipe, data_path, arch, epochs, batch_size, lr, resolution, loader, out, resume, precision, workers,
-         compile_, seed, device, pretrained, finetune, freeze_bn, sets):
+         compile_, seed, device, pretrained, finetune, freeze_bn, tune, threads, sets):
     """Train an image classifier; metrics, checkpoints and reports go to --out."""
     options = {"data.path": data_path, "model.arch": arch, "run.epochs": epochs, "data.batch_size": batch_size,
                "optim.lr": lr, "data.resolution": resolution, "data.val_resolution": resolution,
@@ -383,11 +390,11 @@ def main(recipe, data_path, arch, epochs, batch_size, lr, resolution, loader, ou
                "data.loader": loader, "run.out": out, "run.resume": resume, "precision.dtype": precision,
                "data.workers": workers, "model.compile": compile_, "run.seed": seed, "data.seed": seed,
                "run.device": device, "model.pretrained": pretrained, "model.finetune": finetune,
-               "model.freeze_bn": freeze_bn}
+               "model.freeze_bn": freeze_bn, "run.threads": threads}
     overrides = {k: v for k, v in options.items() if v is not None}
     try:
         overrides.update(parse_override(s) for s in sets)  # --set wins over the named options
-        cfg = load_config(recipe, overrides)
+        cfg = load_config(recipe, overrides, overlays=(tune,) if tune else ())
         summary = train(cfg)
     except (ConfigError, CheckpointError, NonFiniteLoss) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
