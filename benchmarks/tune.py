@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -160,7 +161,7 @@ class Tuner:
 
 
 def median(it: Item) -> float:
-    return sorted(it.rates)[len(it.rates) // 2] if it.rates else 0.0
+    return statistics.median(it.rates) if it.rates else 0.0
 
 
 def ranking_clear(best: Item, others: list[Item]) -> bool:
@@ -235,7 +236,7 @@ def plot(result: dict, path: Path) -> None:
     dv = result["default_vs_tuned"]
     rows += [(f"{name} (final)", dv[name]["runs"]) for name in ("default", "tuned") if dv.get(name)]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5), dpi=100)
-    meds = [sorted(v)[len(v) // 2] for _, v in rows]
+    meds = [statistics.median(v) for _, v in rows]
     lo = [m - min(v) for m, (_, v) in zip(meds, rows)]
     hi = [max(v) - m for m, (_, v) in zip(meds, rows)]
     ax.barh(range(len(rows)), meds, xerr=[lo, hi], capsize=3,
@@ -254,7 +255,7 @@ def summary(it: Item) -> dict | None:
     if not it.rates:
         return None
     s = sorted(it.rates)
-    return {"median": round(s[len(s) // 2], 2), "min": round(s[0], 2), "max": round(s[-1], 2),
+    return {"median": round(statistics.median(s), 2), "min": round(s[0], 2), "max": round(s[-1], 2),
             "runs": [round(x, 2) for x in it.rates]}
 
 
@@ -286,8 +287,9 @@ def tune(cfg: Config, data: BenchData, device: torch.device, bench: Bench, budge
         raise click.ClickException("the diagnosis could not be measured (fix the settings it names, e.g. a larger "
                                    "--resolution for this model, and run again): " + "; ".join(t.errors))
     # Seconds per window of what the search times (loader start and warm-up included).
-    window_s = max(x.seconds / max(1, len(x.rates)) for x in (alone, e2e) if x.rates)
-    wait = sorted(e2e.waits)[len(e2e.waits) // 2]
+    timed = e2e if objective == "train" else alone
+    window_s = timed.seconds / max(1, len(timed.rates))
+    wait = statistics.median(e2e.waits)
     diag = classify(summary(ceiling), summary(alone), summary(e2e), wait, summary(limit) if limit else None)
     diag["figures"] = {"ceiling": summary(ceiling), "loader_alone": summary(alone), "end_to_end": summary(e2e),
                        "data_wait": round(wait, 4), "decode_only": summary(limit) if limit else None}
