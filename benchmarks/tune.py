@@ -295,8 +295,8 @@ def tune(cfg: Config, data: BenchData, device: torch.device, bench: Bench, budge
                        "data_wait": round(wait, 4), "decode_only": summary(limit) if limit else None}
     say("tune: " + diag["paragraph"])
 
-    # The final default-vs-tuned rounds need about 2 x 3 windows: keep that back from the search.
-    reserve = 6 * window_s
+    # The final default-vs-tuned comparison needs at least one interleaved round (2 windows): keep it back.
+    reserve = 2 * window_s
     # The synthetic loader is the ceiling itself: nothing to search.
     space = search_space(d, device, data, batch_sizes) if kind != "synthetic" else {}
     best, log = search(t, space, window_s, reserve)
