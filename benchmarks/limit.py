@@ -51,8 +51,8 @@ class DecodeOnly:
     Built like a loader, `DecodeOnly(cfg, split, dist, train=...)`, so benchmarks.run times it as one."""
 
     def __init__(self, cfg: DataConfig, split: str, dist=None, *, train: bool = True):
-        _, sp = load_split(cfg.path, split)
-        self.source = ShardSource(sp)
+        manifest, sp = load_split(cfg.path, split)
+        self.source = ShardSource(sp, manifest.num_classes, manifest.label_ext)
         self.num_samples = len(self.source) // cfg.batch_size * cfg.batch_size
         if self.num_samples == 0:
             raise ValueError(f"{cfg.path}: {len(self.source)} samples, fewer than one batch of {cfg.batch_size}")

@@ -24,8 +24,8 @@ time goes (host blocked on data, host-to-device copies, synchronisation, kernels
 30,000 samples (about 3 GB of JPEGs) keep the page cache warm and epochs long enough that DALI's shuffle
 buffer (4096) and the DataLoader's worker start-up do not dominate; `--cache` keeps them between runs.
 
-What is measured, per loader (dali-mixed: nvJPEG/hardware decode on the GPU; dali-cpu: DALI's CPU
-operators; torch: torchvision DataLoader over the same shards; folder: torchvision ImageFolder DataLoader
+What is measured, per loader (dali-mixed: nvJPEG/hardware decode on the GPU; dali-cpu-decode: CPU decode and
+crop, GPU resize/flip/normalise; dali-cpu: DALI's CPU operators; torch: torchvision DataLoader over the same shards; folder: torchvision ImageFolder DataLoader
 over the replicated class-per-folder tree):
 1. pipeline-only images/sec: batches drawn from pipeline.build_loader exactly as the trainer draws them
    (training augmentation, normalised, channels-last, on the device);
@@ -72,15 +72,17 @@ from benchmarks.limit import DecodeOnly
 from benchmarks.shards import DEFAULT_SRC
 from pipeline import build_loader
 from pipeline.config import DataConfig
+from train.cli import CONTEXT
 from train.config import Config, ConfigError, load_config, parse_override, resolve
 from train.dist import single
 from train.loop import train_step
-from train.model import build_model, build_step_parts, prepare
+from train.model import build_model, build_step_parts, compile_model, prepare
 from train.run import seed_everything
 
 # Benchmark loader name -> DataConfig fields.
 LOADERS: dict[str, dict] = {
     "dali-mixed": {"loader": "dali", "dali_device": "gpu"},
+    "dali-cpu-decode": {"loader": "dali", "dali_device": "cpu-decode"},  # CPU decode + crop, GPU augment
     "dali-cpu": {"loader": "dali", "dali_device": "cpu"},
     "torch": {"loader": "torch"},
     "folder": {"loader": "folder"},
@@ -158,6 +160,8 @@ def unavailable(kind: str, device: torch.device, data: BenchData) -> str | None:
             return "nvidia-dali is not installed (pip install nvidia-dali-cuda120, or -cuda130 for CUDA 13)"
         if kind == "dali-mixed" and device.type != "cuda":
             return "no CUDA device: DALI's mixed (nvJPEG) decode needs a GPU"
+        if kind == "dali-cpu-decode" and device.type != "cuda":
+            return "no CUDA device: dali-cpu-decode resizes, flips and normalises on the GPU"
     if kind == "folder" and data.folder is None:
         return "no ImageFolder tree: pass --folder ROOT (holding train/<class>/*.JPEG) with --data"
     return None
@@ -185,7 +189,7 @@ class Step:
         model = build_model(cfg.model.arch, num_classes, zero_init_residual=cfg.model.zero_init_residual)
         self.model = prepare(model, device)
         self.parts = build_step_parts(cfg, self.model, device)
-        self.net = torch.compile(self.model) if compiled else self.model
+        self.net = compile_model(self.model) if compiled else self.model
         self.net.train()
         self.loss: torch.Tensor | None = None
 
@@ -399,7 +403,8 @@ def profile_train(cfg: DataConfig, step: Step, device: torch.device, bench: Benc
             **({"self_device_s": round(_event_time(e, "self_device_time_total") * us, 5)} if cuda else {}),
             "calls": e.count}
            for e in sorted(avgs, key=lambda e: -_event_time(e, "self_device_time_total" if cuda else "self_cpu_time_total"))[:15]]
-    return {"loader": cfg.loader if cfg.loader != "dali" else f"dali-{'mixed' if cfg.dali_device == 'gpu' else 'cpu'}",
+    return {"loader": cfg.loader if cfg.loader != "dali" else
+            f"dali-{ {'gpu': 'mixed', 'cpu-decode': 'cpu-decode'}.get(cfg.dali_device, 'cpu')}",
             "steps": bench.profile_steps, "split": split, "top_ops": top, "table": table,
             "trace": trace}
 
@@ -493,7 +498,7 @@ def default_profile_loader(device: torch.device) -> str:
     return "dali-mixed" if device.type == "cuda" else "dali-cpu"
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.option("--data", "data_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Existing shards (imt-make-shards output with a train split). Default: build from --images.")
 @click.option("--folder", default=None, type=click.Path(exists=True, file_okay=False),

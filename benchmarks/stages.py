@@ -160,8 +160,8 @@ def main(data_dir, resolution, batch_size, images, json_path):
     torch.set_num_threads(1)
     cfg = DataConfig(path=str(data_dir), loader="dali", dali_device="cpu", batch_size=batch_size,
                      resolution=resolution, workers=1, prefetch=1, dtype="float32", drop_last=True)
-    _, sp = load_split(data_dir, "train")
-    source = ShardSource(sp)
+    manifest, sp = load_split(data_dir, "train")
+    source = ShardSource(sp, manifest.num_classes, manifest.label_ext)
     batches = max(1, images // batch_size)
     load0 = os.getloadavg()[0]
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "resolution": resolution,

@@ -13,8 +13,8 @@
      runs near the decode-only limit, else augmentation / copies: see benchmarks.stages);
    - host-bound when each alone is fast enough but together they are not (they compete for the host's cores).
    One paragraph says which, with the figures and what to change.
-2. Search within --budget-s: a coordinate search over the loader (DALI on the device's decoder, DALI on the
-   CPU, the DataLoader), workers (threads/processes), prefetch depth, on a GPU the hardware decoder's share, and
+2. Search within --budget-s: a coordinate search over the loader (DALI on the GPU's decoders, DALI decoding
+   on CPU threads and augmenting on the GPU, DALI all on the CPU, the DataLoader), workers (threads/processes), prefetch depth, on a GPU the hardware decoder's share, and
    with --batch-sizes the batch size. Each value of one setting is timed (end to end, or pipeline only with
    --objective pipeline) with the others at their best so far; then the candidates within CLOSE of the best
    are re-timed in interleaved rounds until the best one's slowest window beats every other's fastest (the
@@ -92,9 +92,14 @@ def classify(ceiling: dict, alone: dict, e2e: dict, data_wait: float, limit: dic
 
 # ---- candidates ----------------------------------------------------------------------------------------
 
+DALI_KINDS = {"gpu": "dali-mixed", "cpu-decode": "dali-cpu-decode", "cpu": "dali-cpu"}  # data.dali_device -> name
+
+
 def loader_kind(d: DataConfig, device: torch.device) -> str:
+    """benchmarks.run's name for the loader these settings build on `device`."""
     if d.loader == "dali":
-        return "dali-mixed" if (d.dali_device != "cpu" and device.type == "cuda") else "dali-cpu"
+        mode = d.dali_device if d.dali_device != "auto" else ("gpu" if device.type == "cuda" else "cpu")
+        return DALI_KINDS[mode]
     return d.loader
 
 
@@ -102,7 +107,7 @@ def search_space(d: DataConfig, device: torch.device, data: BenchData, batch_siz
     """Values to try per setting (the recipe's own value always among them)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = sorted({w for w in (1, 2, 4, 8, 12, 16, 24, 32) if w <= cpus} | {cpus, d.workers})
-    kinds = [k for k in ("dali-mixed", "dali-cpu", "torch") if not unavailable(k, device, data)]
+    kinds = [k for k in ("dali-mixed", "dali-cpu-decode", "dali-cpu", "torch") if not unavailable(k, device, data)]
     space = {"loader": [k for k in kinds] if loader_kind(d, device) in kinds else [loader_kind(d, device), *kinds],
              "workers": workers, "prefetch": sorted({1, 2, 3, 4, d.prefetch})}
     if "dali-mixed" in kinds:
@@ -122,7 +127,7 @@ def overlay(d: DataConfig, device: torch.device) -> dict:
     """The data settings the search decides, as imt-train's config keys."""
     out = {"loader": d.loader, "workers": d.workers, "prefetch": d.prefetch, "batch_size": d.batch_size}
     if d.loader == "dali":
-        out["dali_device"] = "cpu" if loader_kind(d, device) == "dali-cpu" else d.dali_device
+        out["dali_device"] = {v: k for k, v in DALI_KINDS.items()}[loader_kind(d, device)]
         if loader_kind(d, device) == "dali-mixed":
             out["hw_decoder_load"] = d.hw_decoder_load
     return out
@@ -278,7 +283,7 @@ def tune(cfg: Config, data: BenchData, device: torch.device, bench: Bench, budge
     alone, e2e = t.item(d, section="pipelines"), t.item(d, section="train")
     diag_items = [ceiling, alone, e2e]
     limit = None
-    if kind in ("dali-cpu", "torch", "folder"):
+    if kind in ("dali-cpu", "dali-cpu-decode", "torch", "folder"):  # they decode on the CPU
         limit = Item({"section": "pipelines", "loader": LIMIT}, d, build=DecodeOnly)
         diag_items.append(limit)
     t.time(diag_items)

@@ -58,6 +58,7 @@ def test_tiny_run_all_cpu_loaders(imagenet_sample, cache, tmp_path):
 
     pipes = {p["loader"]: p for p in res["pipelines"]}
     assert pipes["dali-mixed"]["status"] == "skipped" and "CUDA" in pipes["dali-mixed"]["reason"]
+    assert pipes["dali-cpu-decode"]["status"] == "skipped" and "CUDA" in pipes["dali-cpu-decode"]["reason"]
     ran = ["torch", "folder"] + (["dali-cpu"] if dali else [])
     for kind in ran:
         s = pipes[kind]["img_per_s"]
