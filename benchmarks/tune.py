@@ -17,7 +17,7 @@
    on CPU threads and augmenting on the GPU, DALI all on the CPU, the DataLoader), workers (threads/processes), prefetch depth, on a GPU the hardware decoder's share, and
    with --batch-sizes the batch size. Each value of one setting is timed (end to end, or pipeline only with
    --objective pipeline) with the others at their best so far; then the candidates within CLOSE of the best
-   are re-timed in interleaved rounds until the best one's slowest window beats every other's fastest (the
+   (or whose windows overlap its windows) are re-timed in interleaved rounds until the best one's slowest window beats every other's fastest (the
    ranking is then "clear") or the budget ends ("not sure", with the overlap). A shared machine is noisy, so
    every figure keeps its windows: median and min-max.
 3. Write <out>/tune.yaml (the overlay imt-train --tune applies), tune.json (every figure, the diagnosis, the
@@ -50,7 +50,8 @@ from pipeline.manifest import ManifestError, load_manifest
 from train.config import Config, ConfigError, load_config, parse_override, resolve
 
 DIAG_NEAR = 0.9   # "reaches the ceiling": within 10% (run-to-run spread on a shared CPU is about that)
-CLOSE = 0.05      # candidates within 5% of the best median are re-timed until their order is clear
+CLOSE = 0.10      # candidates within 10% of the best median (window-to-window noise on a shared CPU), or whose
+                  # windows overlap the best's, are re-timed until their order is clear
 SETTINGS = ("loader", "workers", "prefetch", "hw_decoder_load", "batch_size")
 
 
@@ -198,7 +199,8 @@ def search(t: Tuner, space: dict, window_s: float, reserve_s: float) -> tuple[Da
         while True:
             ok.sort(key=lambda ci: -median(ci[1]))
             top = ok[0][1]
-            close = [it for _, it in ok[1:] if median(it) >= (1 - CLOSE) * median(top)]
+            close = [it for _, it in ok[1:]
+                     if median(it) >= (1 - CLOSE) * median(top) or max(it.rates) >= min(top.rates)]
             clear = not close or (len(top.rates) >= 2 and ranking_clear(top, close))
             if clear or rounds >= 5 or t.left() - reserve_s < window_s * (1 + len(close)):
                 break
