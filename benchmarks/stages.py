@@ -7,9 +7,10 @@ figures when other jobs share the cores, of each stage added in turn:
 
 - decode-only: pipeline.torch_baseline.ShardSource.read (tar read by offset + torchvision.io.decode_jpeg,
   full image): the work of benchmarks.limit, the limit of every CPU pipeline;
-- the DataLoader's stages, in one process with the product's own functions: + its RandomResizedCrop and
-  flip (torch_baseline._transform), + normalisation to float (torch_baseline.normalise), + collation
-  (torch.stack). What it pays on top (worker processes, shared-memory transfer) is the difference to its
+- the DataLoader's stages, in one process with the product's own functions: + torchvision's
+  RandomResizedCrop and flip after a full decode (the baseline before DCT scaling), the baseline's
+  torch_baseline.train_sample (the same crop, decoded at 1/2-1/8 scale where the crop allows), + collation
+  (torch.stack) and normalisation to float (torch_baseline.normalise). What it pays on top (worker processes, shared-memory transfer) is the difference to its
   pipeline-only figure in benchmarks.run;
 - DALI's CPU operators, one thread, batch `--batch-size`: full decode (fn.decoders.image), the region-of-
   interest decode the product uses (fn.decoders.image_random_crop: libjpeg-turbo skips rows and columns
@@ -34,7 +35,7 @@ import torch
 
 from pipeline.common import MEAN, STD, load_split
 from pipeline.config import DataConfig
-from pipeline.torch_baseline import ShardSource, _transform, normalise
+from pipeline.torch_baseline import ShardSource, normalise, train_sample
 
 
 def cpu_seconds() -> float:
@@ -49,18 +50,25 @@ def per_image_ms(fn, n: int) -> float:
 
 
 def torch_stages(source: ShardSource, cfg: DataConfig, n: int) -> dict:
-    tf = _transform(True, cfg.resolution, cfg)
+    from torchvision.transforms import v2
+
+    rrc = v2.Compose([v2.RandomResizedCrop(cfg.resolution, scale=(cfg.min_area, 1.0), antialias=True),
+                      v2.RandomHorizontalFlip()])
+    px = cfg.resolution
     idx = list(range(min(n, len(source))))
     n = len(idx)
     torch.manual_seed(0)
     for i in idx[:8]:  # warm the allocator and the page cache
-        tf(source.read(i)[0])
+        train_sample(source, i, px, cfg)
     out = {"decode-only": per_image_ms(lambda: [source.read(i) for i in idx], n)}
-    out["+ crop, resize, flip (uint8)"] = per_image_ms(lambda: [tf(source.read(i)[0]) for i in idx], n)
+    out["+ crop, resize, flip (full decode, v2)"] = per_image_ms(lambda: [rrc(source.read(i)[0]) for i in idx], n)
+    out["train_sample (DCT scaling where it can)"] = per_image_ms(
+        lambda: [train_sample(source, i, px, cfg) for i in idx], n)
 
     def full():
         for s in range(0, n - cfg.batch_size + 1, cfg.batch_size):
-            normalise(torch.stack([tf(source.read(i)[0]) for i in idx[s:s + cfg.batch_size]]), torch.float32)
+            normalise(torch.stack([train_sample(source, i, px, cfg)[0] for i in idx[s:s + cfg.batch_size]]),
+                      torch.float32)
     m = n // cfg.batch_size * cfg.batch_size
     out["+ collate, normalise to float32"] = per_image_ms(full, m)
     return out

@@ -92,3 +92,15 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+DATA_WAIT_NOTE = 0.10  # above this share of an epoch blocked on the loader, the first epoch says what to run
+
+
+def data_wait_note(fraction: float, data_path: str) -> str | None:
+    """One line after the first epoch when the input pipeline held the model back, or None."""
+    if fraction <= DATA_WAIT_NOTE:
+        return None
+    return (f"note: the model waited for data {100 * fraction:.0f}% of this epoch (more than "
+            f"{100 * DATA_WAIT_NOTE:.0f}%: input-bound). Run `imt-tune --recipe <this recipe> --data {data_path}` to "
+            "find faster loader settings for this machine, then train with `--tune <the YAML it writes>`")

@@ -95,10 +95,15 @@ def print_summary(summary: dict) -> None:
               default=None, help="Keep BN statistics at their pretrained values.")
 @click.option("--verify", is_flag=True, default=None, help="Before training, hash every shard against manifest.json "
               "(data.verify=true; the cost is printed).")
+@click.option("--tune", "tune", type=click.Path(exists=True, dir_okay=False),
+              help="Loader settings written by imt-tune (a YAML overlay): applied over the recipe, under the options.")
+@click.option("--threads", show_default=recipe_default('run.threads'), type=click.IntRange(0),
+              help="torch threads per rank; 0 = auto: this rank's cores minus data.workers, at least 1 (torch's own "
+              "default spins against the loader on busy CPUs).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override any config key, e.g. --set optim.ema_decay=0.9999 --set run.tta_flip=true.")
 def main(recipe, data_path, arch, epochs, batch_size, lr, resolution, loader, out, resume, precision, workers,
-         compile_, seed, device, pretrained, finetune, freeze_bn, verify, sets):
+         compile_, seed, device, pretrained, finetune, freeze_bn, verify, tune, threads, sets):
     """Train an image classifier; metrics, checkpoints and reports go to --out."""
     options = {"data.path": data_path, "model.arch": arch, "run.epochs": epochs, "data.batch_size": batch_size,
                "optim.lr": lr, "data.resolution": resolution, "data.val_resolution": resolution,
@@ -106,11 +111,11 @@ def main(recipe, data_path, arch, epochs, batch_size, lr, resolution, loader, ou
                "data.loader": loader, "run.out": out, "run.resume": resume, "precision.dtype": precision,
                "data.workers": workers, "model.compile": compile_, "run.seed": seed, "data.seed": seed,
                "run.device": device, "model.pretrained": pretrained, "model.finetune": finetune,
-               "model.freeze_bn": freeze_bn, "data.verify": verify}
+               "model.freeze_bn": freeze_bn, "data.verify": verify, "run.threads": threads}
     overrides = {k: v for k, v in options.items() if v is not None}
     try:
         overrides.update(parse_override(s) for s in sets)  # --set wins over the named options
-        cfg = load_config(recipe, overrides)
+        cfg = load_config(recipe, overrides, overlays=(tune,) if tune else ())
         summary = train(cfg)
     except (ConfigError, CheckpointError, NonFiniteLoss) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None

@@ -23,7 +23,7 @@ from train.evaluate import EvalResult, evaluate, save_report
 from train.loop import NonFiniteLoss, train_one_epoch
 from train.mix import build_mix
 from train.model import build_model, build_step_parts, compile_model, prepare, unwrap
-from train.monitor import MetricsLog, Progress
+from train.monitor import MetricsLog, Progress, data_wait_note
 from train.preflight import verify_data
 from train.runlock import locked_run
 from train.schedule import LRSchedule, describe_schedule, fit_schedule, peak_lr, resolution_at
@@ -130,6 +130,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     say = Progress(info.is_main, info.world_size)
     cfg, notes = fit_schedule(cfg)  # the schedule made to fit this run's length, one note per change
     run, device = cfg.run, info.device
+    torch.set_num_threads(run.threads)  # resolved: see RunConfig.threads
     out = Path(run.out)
     seed_everything(run.seed, run.deterministic)  # same seed on every rank: identical initial weights
 
@@ -280,6 +281,8 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
                   + (f" | val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%" if last_eval else "")
                   + f" | {row['images_per_sec']:.0f} img/s | data wait {100 * row['data_wait_fraction']:.0f}%"
                   + f" | {res}px | {row['epoch_time']:.1f}s")
+        if epoch == start_epoch and (note := data_wait_note(row["data_wait_fraction"], cfg.data.path)):
+            say.write(note)
         if dist.any_true(stop.requested, info):  # the signal came during the epoch's last steps or eval
             return stopped(path, global_step)
 

@@ -123,3 +123,36 @@ def test_negative_workers_and_a_vit_at_another_size_are_refused():
         load_config(None, {"data.loader": "synthetic", "model.arch": "vit_b_16", "run.start_res": 128})
     load_config(None, {"data.loader": "synthetic", "model.arch": "vit_b_16", "data.resolution": 224})
     load_config(None, {"data.loader": "synthetic", "model.arch": "resnet18", "data.resolution": 64})
+
+def test_tune_overlay_sits_between_recipe_and_overrides(tmp_path):
+    tune = tmp_path / "tune.yaml"
+    tune.write_text("# imt-tune\ndata:\n  loader: torch\n  workers: 3\n  prefetch: 4\n")
+    cfg = load_config("synthetic_quick", {"data.path": "x", "data.prefetch": 1}, overlays=(tune,))
+    assert (cfg.data.loader, cfg.data.workers, cfg.data.prefetch) == ("torch", 3, 1)  # overlay over recipe, under --set
+    assert cfg.data.batch_size == 32  # the recipe's, untouched
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config("synthetic_quick", {"data.path": "x"}, overlays=(tmp_path / "missing.yaml",))
+
+
+def test_threads_resolve_to_cores_left_by_the_loader(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cpu = torch.device("cpu")
+    assert resolve(load_config(None, {"data.path": "x", "data.workers": 6}), cpu).run.threads == 2
+    assert resolve(load_config(None, {"data.path": "x", "data.workers": 8}), cpu).run.threads == 1
+    assert resolve(load_config(None, {"data.loader": "synthetic"}), cpu).run.threads == 8
+    assert resolve(load_config(None, {"data.path": "x", "run.threads": 3}), cpu).run.threads == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resolve(load_config(None, {"data.path": "x", "data.workers": 2}), cpu).run.threads == 2
+    with pytest.raises(ConfigError, match="run.threads"):
+        load_config(None, {"data.path": "x", "run.threads": -1})
+
+
+def test_data_wait_note_names_imt_tune():
+    from train.monitor import data_wait_note
+
+    assert data_wait_note(0.05, "/data/shards") is None
+    note = data_wait_note(0.4, "/data/shards")
+    assert "40%" in note and "imt-tune" in note and "--data /data/shards" in note and "--tune" in note

@@ -377,3 +377,21 @@ def test_lamb_with_accumulation_clipping_and_mixing_trains_and_resume_keeps_its_
     from train.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="trained with optim.optimizer=lamb.*--set optim.optimizer=lamb"):
         train(_cfg(tmp_path, **{**over, "run.epochs": 2, "optim.optimizer": "sgd", "run.resume": "auto"}))
+
+def test_cli_tune_overlay_threads_and_first_epoch_data_wait_note(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from train.run import main
+
+    monkeypatch.setattr("train.monitor.DATA_WAIT_NOTE", -1.0)  # any data wait counts: the note must come once
+    tune = tmp_path / "tune.yaml"
+    tune.write_text("data:\n  prefetch: 3\n  batch_size: 8\n")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["--loader", "synthetic", "--arch", "resnet18", "--epochs", "2", "--resolution", "32",
+                                  "--out", str(out), "--device", "cpu", "--threads", "1", "--tune", str(tune),
+                                  "--set", "data.synthetic_samples=16", "--set", "data.synthetic_classes=4",
+                                  "--set", "run.tensorboard=false", "--set", "optim.warmup_epochs=0"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"]["prefetch"] == 3 and cfg["data"]["batch_size"] == 8 and cfg["run"]["threads"] == 1
+    assert r.output.count("imt-tune") == 1  # after the first epoch only
