@@ -16,12 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import click
 import torch
 
+from train.cli import CONTEXT
 from train.config import load_config
 from train.run import train
 
@@ -51,7 +49,7 @@ def run(data: Path = IMAGENETTE, loader: str = "folder", arch: str = "resnet18",
     return summary
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings=CONTEXT)
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=IMAGENETTE,
               help="Imagenette root (train/, val/) for --loader folder, or its shards for dali/torch.")
 @click.option("--loader", type=click.Choice(["folder", "torch", "dali"]), default="folder")

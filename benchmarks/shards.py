@@ -27,6 +27,7 @@ import click
 from PIL import Image
 
 from tools.make_shards import Convert, check_image, make_shards
+from train.cli import CONTEXT
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SRC = Path(os.environ.get("IMT_SHARED_DATA", REPO.parent / "shared" / "data")) / "imagenet-sample"
@@ -89,7 +90,7 @@ def run_once(src: Path, out: Path, workers: int, seed: int, profile: bool) -> di
             "shards": len(split["shards"]), "bytes_written": sum(s["bytes"] for s in split["shards"])}
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings=CONTEXT)
 @click.option("--count", default=10_000, type=click.IntRange(1), help="Files in the replicated tree.")
 @click.option("--workers", "workers_list", multiple=True, type=click.IntRange(1), default=(1, 2),
               help="Worker counts to time (repeatable).")

@@ -27,12 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import click
 import torch
 
+from train.cli import CONTEXT
 from train.config import load_config
 from train.run import train
 
@@ -85,7 +83,7 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings=CONTEXT)
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=IMAGENETTE)
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=REPO / "work" / "transfer")
 @click.option("--arch", default="resnet18")

@@ -35,8 +35,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
-from .common import MEAN, STD, Position, epoch_plan, load_split, num_batches, torch_dtype
+from .augment import torch_transforms
+from .common import (Position, epoch_plan, label_outside, load_split, normalise, num_batches,
+                     read_label, torch_dtype)
 from .config import DataConfig
+from .manifest import MANIFEST_NAME, ManifestError, read_index
+from .orphans import exit_with_parent
 
 
 def _seed(*parts: int) -> int:
@@ -49,18 +53,18 @@ def _seed(*parts: int) -> int:
 class ShardSource:
     """Random access to the samples of one split's shards through their index files."""
 
-    def __init__(self, split):
-        self.entries: list[tuple[int, int, int, int, str]] = []  # shard, offset, size, label, key
+    def __init__(self, split, num_classes: int, label_ext: str = "lbl"):
+        self.num_classes = num_classes
+        # shard, offset, size, label's offset (an int64 there) or -1 - label (adopted: label from the index), key
+        self.entries: list[tuple[int, int, int, int, str]] = []
         self.tars = [str(s.tar) for s in split.shards]
         for si, shard in enumerate(split.shards):
-            with open(shard.index) as idx:
-                next(idx)
-                for line in idx:
-                    f = line.split()
-                    comp = {ext: (int(off), int(size), name)
-                            for ext, off, size, name in zip(f[0::4], f[1::4], f[2::4], f[3::4])}
-                    off, size, name = comp["jpg"]
-                    self.entries.append((si, off, size, comp["lbl"][0], name.rsplit(".", 1)[0]))
+            index = read_index(shard.index)
+            jpg, lbl, c = index.column("jpg"), index.column(label_ext), len(index.exts)
+            labels = index.offsets[:, lbl] if label_ext == "lbl" else -index.sizes[:, lbl]  # size = label + 1
+            columns = (index.offsets[:, jpg].tolist(), index.sizes[:, jpg].tolist(), labels.tolist())
+            for i, (off, size, lbl_off) in enumerate(zip(*columns)):
+                self.entries.append((si, off, size, lbl_off, index.names[i * c + jpg].rsplit(".", 1)[0]))
         self._files: dict[int, object] = {}  # opened lazily, per worker process
         self._labels: dict[int, int] = {}
 
@@ -73,8 +77,9 @@ class ShardSource:
     def read(self, i: int) -> tuple[torch.Tensor, int]:
         si, off, size, lbl_off, key = self.entries[i]
         f = self._files.get(si) or self._files.setdefault(si, open(self.tars[si], "rb"))
-        f.seek(lbl_off)
-        label = int.from_bytes(f.read(8), "little", signed=True)
+        label = -1 - lbl_off if lbl_off < 0 else read_label(f, lbl_off)
+        if not 0 <= label < self.num_classes:  # per sample, in the worker: names it before the loss fails
+            raise label_outside(label, self.num_classes, key, self.tars[si])
         f.seek(off)
         data = torch.frombuffer(bytearray(f.read(size)), dtype=torch.uint8)
         try:
@@ -96,19 +101,24 @@ class FolderSource:
     def __init__(self, root: Path, classes_root: Path | None = None):
         from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+        # ManifestError (a ValueError), as for shards: the trainer's CLI prints its message without a traceback.
+        if (root.parent / MANIFEST_NAME).is_file():  # `--loader folder` given a shard folder
+            raise ManifestError(f"{root.parent} holds shards ({MANIFEST_NAME}), not an ImageFolder tree: read it "
+                                "with --loader dali or --loader torch (--loader folder reads "
+                                "<path>/<split>/<class>/*.JPEG)")
         for folder in (root, classes_root):
             if folder is not None and not folder.is_dir():
-                raise FileNotFoundError(f"{folder}: no such folder (loader='folder' reads "
-                                        f"<path>/<split>/<class>/*.JPEG)")
+                raise ManifestError(f"{folder}: no such folder (loader='folder' reads "
+                                    f"<path>/<split>/<class>/*.JPEG)")
         self.classes, class_to_idx = find_classes(str(classes_root or root))
         unknown = sorted(set(find_classes(str(root))[0]) - set(self.classes))
         if unknown:
-            raise ValueError(f"{root} has class folders that {classes_root} lacks ({', '.join(unknown[:5])}"
+            raise ManifestError(f"{root} has class folders that {classes_root} lacks ({', '.join(unknown[:5])}"
                              f"{', ...' if len(unknown) > 5 else ''}): the model cannot predict them. Add them "
                              "to the training split or remove them here")
         self.samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
         if not self.samples:
-            raise FileNotFoundError(f"{root} holds no image files ({', '.join(IMG_EXTENSIONS)})")
+            raise ManifestError(f"{root} holds no image files ({', '.join(IMG_EXTENSIONS)})")
         self.root = root
 
     def __len__(self) -> int:
@@ -130,17 +140,9 @@ def _transform(train: bool, px: int, cfg: DataConfig):
     if train:
         return v2.Compose([v2.RandomResizedCrop(px, scale=(cfg.min_area, 1.0), ratio=(3 / 4, 4 / 3),
                                                 antialias=True),
-                           v2.RandomHorizontalFlip()])
+                           v2.RandomHorizontalFlip(), *torch_transforms(cfg)])
     return v2.Compose([v2.Resize(int(cfg.val_resolution / cfg.val_resize_ratio), antialias=True),
                        v2.CenterCrop(cfg.val_resolution)])
-
-
-def normalise(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 N x 3 x H x W (any layout) -> normalised `dtype`, channels-last, on images' device."""
-    x = images.contiguous(memory_format=torch.channels_last).float()
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255)
-    return x.sub_(mean).mul_(inv_std).to(dtype)
 
 
 class _Batches(IterableDataset):
@@ -210,10 +212,16 @@ class _Batches(IterableDataset):
 
 def _worker_context():
     """The forkserver imports torch and this module once; each worker is then a cheap fork of it
-    (without the preload every worker imported torch itself: the pipeline tests took 100 s instead of 30)."""
+    (without the preload every worker imported torch itself: the pipeline tests took 100 s instead of 30).
+    It also imports _forkserver_preload, which makes it end when the trainer dies (kill -9 included)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torchvision", __name__])
+    ctx.set_forkserver_preload(["torch", "torchvision", __name__, "pipeline._forkserver_preload"])
     return ctx
+
+
+def _init_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: the worker ends when its parent, the forkserver, does (pipeline.orphans)."""
+    exit_with_parent()
 
 
 MAX_SEGMENTS = 16  # resumes of one epoch on another number of ranks or batch size
@@ -248,7 +256,8 @@ class _TorchLoader:
             self.dataset, batch_size=None, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=max(1, cfg.prefetch) if workers > 0 else None,
-            multiprocessing_context=_worker_context() if workers > 0 else None)
+            multiprocessing_context=_worker_context() if workers > 0 else None,
+            worker_init_fn=_init_worker if workers > 0 else None)
 
     def __len__(self) -> int:
         return self._len
@@ -298,7 +307,8 @@ class ShardLoader(_TorchLoader):
 
     def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False):
         manifest, sp = load_split(cfg.path, split)
-        super().__init__(ShardSource(sp), manifest.classes, cfg, dist, train=train, keys=keys)
+        super().__init__(ShardSource(sp, manifest.num_classes, manifest.label_ext), manifest.classes, cfg, dist,
+                         train=train, keys=keys)
 
 
 class FolderLoader(_TorchLoader):

@@ -17,6 +17,8 @@ from pathlib import Path
 import click
 from PIL import Image, ImageDraw, ImageFilter
 
+from train.cli import CONTEXT
+
 # Class names sort in this order, so labels (sorted names, as ImageFolder assigns them) are 0..N-1.
 CLASSES = (
     "c0_circles",
@@ -147,7 +149,7 @@ def make_synthetic(out: str | Path, train_per_class: int = 100, val_per_class: i
     return counts
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings=CONTEXT)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output root.")
 @click.option("--train-per-class", default=100, type=click.IntRange(1))
 @click.option("--val-per-class", default=25, type=click.IntRange(0))

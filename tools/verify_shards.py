@@ -20,14 +20,12 @@ import tarfile
 import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python tools/verify_shards.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import click
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.manifest import INDEX_VERSION, Manifest, ManifestError, Shard, load_manifest
+from pipeline.manifest import Manifest, ManifestError, Shard, load_manifest, read_index, shard_stem_pattern
+from train.cli import CONTEXT
 from tools.make_shards import _jpeg_sof
 
 COMPONENTS = ("jpg", "cls", "lbl", "path")
@@ -50,20 +48,6 @@ def _read_tar(path: Path) -> list[tuple[str, int, int, bytes]]:
                 raise ValueError(f"member {m.name!r} is not a regular file")
             out.append((m.name, m.offset_data, m.size, tar.extractfile(m).read()))
     return out
-
-
-def _read_index(path: Path) -> tuple[int, list[list[tuple[str, int, int, str]]]]:
-    lines = path.read_text().splitlines()
-    version, count = lines[0].split()
-    if version != INDEX_VERSION:
-        raise ValueError(f"index version {version!r}, expected {INDEX_VERSION}")
-    samples = []
-    for line in lines[1:]:
-        f = line.split()
-        if len(f) % 4:
-            raise ValueError(f"malformed index line {line!r}")
-        samples.append([(f[k], int(f[k + 1]), int(f[k + 2]), f[k + 3]) for k in range(0, len(f), 4)])
-    return int(count), samples
 
 
 def _check_image(data: bytes) -> str | None:
@@ -89,7 +73,8 @@ def _check_shard(m: Manifest, split: str, shard: Shard, first: int, layout: str,
         problems.append(f"{where}: sha256 differs from the manifest")
     try:
         members = _read_tar(shard.tar)
-        count, index = _read_index(shard.index)
+        index = read_index(shard.index)
+        count, index = index.count, [index.sample(i) for i in range(len(index))]
     except (OSError, ValueError, tarfile.TarError) as e:
         return problems + [f"{where}: unreadable ({e})"]
     groups: list[list[tuple[str, int, int, bytes]]] = []
@@ -108,7 +93,7 @@ def _check_shard(m: Manifest, split: str, shard: Shard, first: int, layout: str,
         if names != [f"{key}.{c}" for c in COMPONENTS]:
             problems.append(f"{where}: sample {n} has members {names}, expected {key}.{{{','.join(COMPONENTS)}}}")
             continue
-        if [(name.split(".", 1)[1], off, size, name) for name, off, size, _ in group] != entry:
+        if [(name.split(".", 1)[1], (off, size, name)) for name, off, size, _ in group] != list(entry.items()):
             problems.append(f"{where}: index line {n + 1} does not match the tar members of {key}")
         data = {name.split(".", 1)[1]: payload for name, _, _, payload in group}
         try:
@@ -134,6 +119,9 @@ def verify_shards(root, *, splits=None, decode: bool = True, progress: bool = Tr
         m = load_manifest(root, check_files=True)
     except ManifestError as e:
         return [str(e)]
+    if m.adopted:  # their members are the maker's, not ours: what can be checked, imt-index-shards checks
+        return [f"{m.root}: shards adopted by imt-index-shards; re-run `imt-index-shards "
+                f"{m.settings['adopted'].get('source', m.root)}` to check them again"]
     problems = []
     listed = {p.name for s in m.splits.values() for sh in s.shards for p in (sh.tar, sh.index)}
     stray = sorted(p.name for p in m.root.iterdir() if p.suffix in (".tar", ".idx") and p.name not in listed)
@@ -149,14 +137,14 @@ def verify_shards(root, *, splits=None, decode: bool = True, progress: bool = Tr
         first = 0
         with tqdm(total=split.num_samples, desc=f"verify {name}", unit="img", disable=not progress) as bar:
             for shard in split.shards:
-                if not re.fullmatch(rf"{re.escape(name)}-\d{{6}}\.tar", shard.tar.name):
+                if not re.fullmatch(rf"{shard_stem_pattern(name)}\.tar", shard.tar.name):
                     problems.append(f"{shard.tar.name}: unexpected shard name in split {name}")
                 problems += _check_shard(m, name, shard, first, layouts.get(name, ""), decode, bar)
                 first += shard.num_samples
     return problems
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @click.option("--split", "splits", multiple=True, help="Split to check (repeatable); default: all.")
 @click.option("--decode/--no-decode", default=True, show_default=True, help="Decode every image.")

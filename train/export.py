@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python train/export.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click
 import torch
 from torch import nn
 
 from pipeline.common import MEAN, STD
+from train.cli import CONTEXT
 from train.state import Checkpoint
 from train.transfer import PretrainedError, read_state
 
@@ -95,7 +92,7 @@ def load_checkpoint_model(path: str | Path, use_ema: bool = True) -> tuple[nn.Mo
     return model.eval(), meta
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings=CONTEXT)
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--resolution", type=int, default=None, help="Input size; default: the run's validation size.")

@@ -13,13 +13,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python train/predict.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import click
 import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
+
+from train.checkpoint import describe
+from train.cli import CONTEXT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
@@ -74,7 +74,7 @@ def expand(paths: list[str]) -> list[Path]:
     return files
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings=CONTEXT)
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True),
               help="Export folder (imt-export) or checkpoint.")
 @click.argument("paths", nargs=-1, required=True)
@@ -87,9 +87,8 @@ def main(model_path, paths, topk, device, batch_size, as_json):
     try:
         predictor = Predictor.load(model_path, device)
     except Exception as exc:  # noqa: BLE001 - any load failure (missing, truncated, foreign file): one clear message
-        raise click.ClickException(f"cannot load --model {model_path} ({type(exc).__name__}: "
-                                   f"{str(exc).splitlines()[0][:300]}); pass an imt-export folder or a "
-                                   "checkpoint of this project") from exc
+        raise click.ClickException(f"cannot load --model {model_path} ({describe(exc)}); pass an imt-export "
+                                   "folder or a checkpoint of this project") from exc
     files, failed = expand(paths), 0
     if not files:
         raise click.UsageError(f"no image files found in {', '.join(paths)}")

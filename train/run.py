@@ -23,15 +23,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python train/run.py`: import from the repository root, not from train/
-    _repo = str(Path(__file__).resolve().parents[1])
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    sys.path.insert(0, _repo)
+if __package__ in (None, ""):  # run as a script (`python train/run.py`): import from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click
 
 from pipeline import LOADERS
 from train.checkpoint import CheckpointError
+from train.cli import CONTEXT, recipe_default
 from train.config import ConfigError, load_config, parse_override
 from train.loop import NonFiniteLoss
 from train.trainer import seed_everything, train  # noqa: F401 - the API scripts and benchmarks import from here
@@ -57,34 +56,49 @@ def print_summary(summary: dict) -> None:
     click.echo("\n".join(lines))
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.option("--recipe", help="YAML recipe: a path or a name in recipes/ (e.g. resnet50_fast).")
-@click.option("--data", "data_path", help="Shard folder from imt-make-shards (train and val splits); for "
+@click.option("--data", "data_path", show_default=recipe_default('data.path'),
+              help="Shard folder from imt-make-shards (train and val splits); for "
               "--loader folder an ImageFolder root with train/ and val/.")
-@click.option("--arch", help="torchvision model name: resnet18/34/50/101/152, vgg16_bn, densenet121, ...")
-@click.option("--epochs", type=int)
-@click.option("--batch-size", type=int, help="Per rank (GPU); the lr scales with the global batch.")
-@click.option("--lr", type=float, help="Peak learning rate per 256 images of global batch.")
-@click.option("--resolution", type=int, help="Final training resolution (end of any progressive ramp) and "
+@click.option("--arch", show_default=recipe_default('model.arch'),
+              help="torchvision model name: resnet18/34/50/101/152, vgg16_bn, densenet121, ...")
+@click.option("--epochs", show_default=recipe_default('run.epochs'), type=int)
+@click.option("--batch-size", show_default=recipe_default('data.batch_size'),
+              type=int, help="Per rank (GPU); the lr scales with the global batch.")
+@click.option("--lr", show_default=recipe_default('optim.lr'),
+              type=float, help="Peak learning rate per 256 images of global batch.")
+@click.option("--resolution", show_default=recipe_default('data.resolution'),
+              type=int, help="Final training resolution (end of any progressive ramp) and "
               "validation crop, in pixels.")
-@click.option("--loader", type=click.Choice(LOADERS))
-@click.option("--out", help="Run directory (config.json, metrics.jsonl, checkpoints/, report/, tensorboard/).")
-@click.option("--resume", help="'auto' (newest valid checkpoint in --out) or a checkpoint path.")
-@click.option("--precision", type=click.Choice(["auto", "bfloat16", "float16", "float32"]))
-@click.option("--workers", type=int, help="Loader threads/processes per rank.")
-@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
-@click.option("--seed", type=int)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--pretrained", help="Start from these weights: one of our checkpoints, a torchvision state dict "
-              "file, or torchvision:<arch> from the torch hub cache (nothing is downloaded). The classifier is "
+@click.option("--loader", show_default=recipe_default('data.loader'), type=click.Choice(LOADERS))
+@click.option("--out", show_default=recipe_default('run.out'),
+              help="Run directory (config.json, metrics.jsonl, checkpoints/, report/, tensorboard/).")
+@click.option("--resume", show_default=recipe_default('run.resume'),
+              help="'auto' (newest valid checkpoint in --out) or a checkpoint path.")
+@click.option("--precision", show_default=recipe_default('precision.dtype'),
+              type=click.Choice(["auto", "bfloat16", "float16", "float32"]))
+@click.option("--workers", show_default=recipe_default('data.workers'),
+              type=int, help="Loader threads/processes per rank.")
+@click.option("--compile/--no-compile", "compile_", show_default=recipe_default('model.compile'),
+              default=None, help="torch.compile the model.")
+@click.option("--seed", show_default=recipe_default('run.seed'), type=int)
+@click.option("--device", show_default=recipe_default('run.device'), type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--pretrained", show_default=recipe_default('model.pretrained'),
+              help="Start from these weights: one of our checkpoints, a torchvision state dict "
+              "file, a timm / Lightning / torchvision-references checkpoint, or torchvision:<arch> from the torch hub cache (nothing is downloaded). The classifier is "
               "replaced when the classes differ; every key that does not fit is reported.")
-@click.option("--finetune", type=click.Choice(["full", "linear"]), help="With --pretrained: 'full' trains "
+@click.option("--finetune", show_default=recipe_default('model.finetune'),
+              type=click.Choice(["full", "linear"]), help="With --pretrained: 'full' trains "
               "everything (backbone at optim.backbone_lr_mult x the lr), 'linear' only the new classifier.")
-@click.option("--freeze-bn/--no-freeze-bn", default=None, help="Keep BN statistics at their pretrained values.")
+@click.option("--freeze-bn/--no-freeze-bn", show_default=recipe_default('model.freeze_bn'),
+              default=None, help="Keep BN statistics at their pretrained values.")
+@click.option("--verify", is_flag=True, default=None, help="Before training, hash every shard against manifest.json "
+              "(data.verify=true; the cost is printed).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override any config key, e.g. --set optim.ema_decay=0.9999 --set run.tta_flip=true.")
 def main(recipe, data_path, arch, epochs, batch_size, lr, resolution, loader, out, resume, precision, workers,
-         compile_, seed, device, pretrained, finetune, freeze_bn, sets):
+         compile_, seed, device, pretrained, finetune, freeze_bn, verify, sets):
     """Train an image classifier; metrics, checkpoints and reports go to --out."""
     options = {"data.path": data_path, "model.arch": arch, "run.epochs": epochs, "data.batch_size": batch_size,
                "optim.lr": lr, "data.resolution": resolution, "data.val_resolution": resolution,
@@ -92,7 +106,7 @@ def main(recipe, data_path, arch, epochs, batch_size, lr, resolution, loader, ou
                "data.loader": loader, "run.out": out, "run.resume": resume, "precision.dtype": precision,
                "data.workers": workers, "model.compile": compile_, "run.seed": seed, "data.seed": seed,
                "run.device": device, "model.pretrained": pretrained, "model.finetune": finetune,
-               "model.freeze_bn": freeze_bn}
+               "model.freeze_bn": freeze_bn, "data.verify": verify}
     overrides = {k: v for k, v in options.items() if v is not None}
     try:
         overrides.update(parse_override(s) for s in sets)  # --set wins over the named options

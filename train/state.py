@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from pipeline.common import MEAN, STD
-from train.checkpoint import CheckpointError, check_compatible, set_rng_state
+from train.checkpoint import CheckpointError, check_compatible, describe, set_rng_state
 
 VERSION = 2
 
@@ -34,7 +34,7 @@ class Checkpoint:
     optimizer: dict = field(default_factory=dict)
     scaler: dict = field(default_factory=dict)
     schedule: dict = field(default_factory=dict)  # LRSchedule.state_dict(): step_count, steps_per_epoch, epochs
-    ema: dict = field(default_factory=dict)       # AveragedModel state dict ({} without EMA)
+    ema: dict = field(default_factory=dict)       # train.ema.EMA state dict ({} without EMA)
     rng: list[dict] = field(default_factory=list)  # one per rank of the saving run
     loaders: list[dict] = field(default_factory=list)  # the training loader's state_dict(), one per rank
     best: dict = field(default_factory=lambda: {"val_top1": -1.0, "epoch": 0})
@@ -95,6 +95,7 @@ class TrainState:
         self.model, self.optimizer, self.scaler, self.schedule, self.ema = model, optimizer, scaler, schedule, ema
         self.best: dict = {"val_top1": -1.0, "epoch": 0}
         self.epoch = 0  # epochs completed
+        self.steps_done = 0  # optimizer steps over the whole run, across resumes
         self.say = say
 
     def capture(self, *, epoch: int, step: int, rngs: list[dict], loaders: list[dict], cfg, classes,
@@ -114,6 +115,11 @@ class TrainState:
             raise CheckpointError(f"{path} holds weights only (an export or a state dict), not a training run "
                                   "to continue: start from it with --pretrained instead of --resume")
         check_compatible({"arch": ckpt.arch, "classes": ckpt.classes}, cfg.model.arch, classes, str(path))
+        saved = ckpt.config.get("optim", {}).get("optimizer", "sgd")  # its state means nothing to another one
+        if saved != cfg.optim.optimizer:
+            raise CheckpointError(f"{path} was trained with optim.optimizer={saved}, this run asks for "
+                                  f"{cfg.optim.optimizer}: resume with --set optim.optimizer={saved}, or start a "
+                                  "fresh --out")
         optimizer = self.optimizer
         configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
                       for g in optimizer.param_groups]
@@ -125,7 +131,7 @@ class TrainState:
                 self.ema.load_state_dict(ckpt.ema)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(
-                f"{path} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:300]}). It was saved "
+                f"{path} does not fit this run ({describe(e)}). It was saved "
                 "by another configuration (model, fine-tuning mode, optimizer groups): resume with the settings "
                 "it was made with (its config.json), or start a fresh --out") from e
         # load_state_dict brings back the saved hyperparameters; this run's config (saved as its config.json) wins.
@@ -139,4 +145,4 @@ class TrainState:
         if rngs:
             set_rng_state(rngs[rank] if len(rngs) == world_size else rngs[0])
         self.best = dict(ckpt.best)
-        self.epoch = ckpt.epoch
+        self.epoch, self.steps_done = ckpt.epoch, ckpt.step

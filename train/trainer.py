@@ -7,6 +7,7 @@ import json
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,12 @@ from train.checkpoint import CheckpointDir, CheckpointError, StopFlag, find_resu
 from train.config import Config, ConfigError, resolve
 from train.evaluate import EvalResult, evaluate, save_report
 from train.loop import NonFiniteLoss, train_one_epoch
-from train.model import build_model, build_step_parts, prepare, unwrap
+from train.mix import build_mix
+from train.model import build_model, build_step_parts, compile_model, prepare, unwrap
 from train.monitor import MetricsLog, Progress
-from train.schedule import LRSchedule, peak_lr, resolution_at
+from train.preflight import verify_data
+from train.runlock import locked_run
+from train.schedule import LRSchedule, describe_schedule, fit_schedule, peak_lr, resolution_at
 from train.state import Checkpoint, TrainState
 
 
@@ -102,7 +106,8 @@ def restore(resumed: tuple[Path, dict], state: TrainState, train_loader, classes
             note = train_loader.load_state_dict(mine)
             if note:
                 say.write(f"resume: {note}")
-    say.write(f"resumed from {path} (epoch {start_epoch}, step {step})")
+    say.write(f"resumed from {path} (" + (f"{into} steps into epoch {start_epoch + 1}" if into > 0 else
+                                          f"epoch {start_epoch} done") + f", global step {step})")
     return start_epoch
 
 
@@ -112,7 +117,8 @@ def train(cfg: Config, stop: StopFlag | None = None) -> dict:
     own_flag = stop is None
     stop = (StopFlag().install() if own_flag else stop)
     try:
-        return _train(resolve(cfg, info.device), info, stop)
+        with locked_run(cfg.run.out, info):  # one run per --out at a time
+            return _train(resolve(cfg, info.device), info, stop)
     finally:
         if own_flag:
             stop.restore()
@@ -121,46 +127,19 @@ def train(cfg: Config, stop: StopFlag | None = None) -> dict:
 
 def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     t_start = time.perf_counter()
+    say = Progress(info.is_main, info.world_size)
+    cfg, notes = fit_schedule(cfg)  # the schedule made to fit this run's length, one note per change
     run, device = cfg.run, info.device
     out = Path(run.out)
-    say = Progress(info.is_main, info.world_size)
     seed_everything(run.seed, run.deterministic)  # same seed on every rank: identical initial weights
 
+    verify_data(cfg.data, info, say.write)  # data.verify / --verify: hash the shards first
     train_loader = build_loader(cfg.data, "train", info, train=True)
     val_loader = build_loader(cfg.data, "val", info, train=False)
     classes = list(train_loader.classes)
     if list(val_loader.classes) != classes:  # labels would mean other classes: every metric wrong, silently
         raise ConfigError(f"the val split's classes differ from train's ({len(val_loader.classes)} vs "
                           f"{len(classes)}): make both splits from the same class list")
-    model = build_model(cfg.model.arch, len(classes), zero_init_residual=cfg.model.zero_init_residual)
-    heads: list[str] = []
-    if cfg.model.pretrained:
-        from train.transfer import head_names, load_pretrained, set_trainable
-        for line in load_pretrained(model, cfg.model.pretrained, cfg.model.arch, classes).lines():
-            say.write(line)
-        heads = head_names(model)
-        trainable = set_trainable(model, cfg.model.finetune, cfg.model.freeze_bn)
-        frozen_bn = cfg.model.freeze_bn or cfg.model.finetune == "linear"  # a probe never updates BN statistics
-        say.write(f"fine-tuning ({cfg.model.finetune}{', BN statistics frozen' if frozen_bn else ''}): "
-                  f"{len(trainable)} of {len(list(model.parameters()))} parameter tensors train; backbone lr x "
-                  f"{cfg.optim.backbone_lr_mult:g}")
-    elif cfg.optim.backbone_lr_mult != 1.0:  # e.g. --recipe finetune with --pretrained forgotten
-        say.write(f"note: no --pretrained weights, so this run trains from scratch and optim.backbone_lr_mult="
-                  f"{cfg.optim.backbone_lr_mult:g} does not apply (every layer learns at the full lr)")
-    model = prepare(model, device, sync_bn=cfg.model.sync_bn, distributed=info.distributed)
-    o = cfg.optim
-    parts = build_step_parts(cfg, model, device, heads)
-    optimizer, scaler, autocast, loss_fn = parts.optimizer, parts.scaler, parts.autocast, parts.loss_fn
-    steps = len(train_loader) if not run.max_steps_per_epoch else min(len(train_loader), run.max_steps_per_epoch)
-    global_batch = cfg.data.batch_size * info.world_size
-    schedule = LRSchedule(optimizer, o, peak_lr(o, global_batch), steps, run.epochs)
-    dtype = cfg.precision.dtype
-    ema = None
-    if o.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(o.ema_decay), use_buffers=True)
-    state = TrainState(model, optimizer, scaler, schedule, ema, say=say.write)
-
     # ---- resume: every rank reads the same file
     ckpts = CheckpointDir(out / "checkpoints", run.keep_last, info.is_main)
     start_epoch = 0
@@ -178,6 +157,32 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         # told to all: a rank on another node may not see the folder's files.
         raise ConfigError(f"{out} already holds checkpoints of a run ({newest} ...): continue it with "
                           "--resume auto, or start this one in a new --out")
+    if run.resume:  # a fine-tuning run resumed without --pretrained: its checkpoint says how it was set up
+        from train.transfer import finetune_of_checkpoint
+        cfg = replace(cfg, model=finetune_of_checkpoint(cfg.model, resumed[1] if resumed else None))
+
+    model = build_model(cfg.model.arch, len(classes), zero_init_residual=cfg.model.zero_init_residual)
+    heads: list[str] = []
+    if cfg.model.pretrained:
+        from train.transfer import setup_finetune
+        heads = setup_finetune(model, cfg, classes, say.write, load=resumed is None)
+    elif cfg.optim.backbone_lr_mult != 1.0:  # e.g. --recipe finetune with --pretrained forgotten
+        say.write(f"note: no --pretrained weights, so this run trains from scratch and optim.backbone_lr_mult="
+                  f"{cfg.optim.backbone_lr_mult:g} does not apply (every layer learns at the full lr)")
+    model = prepare(model, device, sync_bn=cfg.model.sync_bn, distributed=info.distributed)
+    o = cfg.optim
+    parts = build_step_parts(cfg, model, device, heads)
+    optimizer, scaler, autocast, loss_fn = parts.optimizer, parts.scaler, parts.autocast, parts.loss_fn
+    steps = len(train_loader) if not run.max_steps_per_epoch else min(len(train_loader), run.max_steps_per_epoch)
+    global_batch = cfg.data.batch_size * info.world_size * cfg.optim.grad_accum  # images per optimizer update
+    schedule = LRSchedule(optimizer, o, peak_lr(o, global_batch), steps, run.epochs)
+    dtype = cfg.precision.dtype
+    ema = None
+    if o.ema_decay:
+        from train.ema import EMA
+        ema = EMA(model, o.ema_decay)
+    state = TrainState(model, optimizer, scaler, schedule, ema, say=say.write)
+
     if resumed is not None:
         start_epoch = restore(resumed, state, train_loader, classes, cfg, info, say)
         if start_epoch >= run.epochs:  # a job re-queued after it finished: keep its results as they are
@@ -196,19 +201,23 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         cfg.save(out / "config.json")
     net = dist.wrap_ddp(model, info)
     if cfg.model.compile:
-        net = torch.compile(net)
+        net = compile_model(net, shapes=len({resolution_at(e, run, cfg.data.resolution) for e in range(run.epochs)}))
     metrics = MetricsLog(out, info.is_main, run.tensorboard, start_epoch)
     should_stop = make_should_stop(stop, info)
     say.write(f"{cfg.model.arch} | {len(classes)} classes | {cfg.data.loader} loader | {info.world_size} rank(s) "
               f"on {device} | {dtype} | {steps} steps/epoch x {run.epochs} epochs | global batch {global_batch} "
               f"| peak lr {schedule.peak:.4g} | out {out}")
+    for line in [*notes, describe_schedule(cfg, steps, schedule.peak)]:
+        say.write(line)
 
-    def checkpoint(epoch: int, step: int, is_best: bool = False) -> Path | None:
+    def checkpoint(epoch: int, step: int, is_best: bool = False, mid_epoch: bool = False) -> Path | None:
+        """`epoch`: epochs completed (what resume counts from); the file is named after the epoch as the screen
+        numbers it: the one just finished, or (mid_epoch) the one in progress."""
         rngs = dist.all_gather_object(rng_state(), info)  # collective: every rank gets here
         loaders = dist.all_gather_object(train_loader.state_dict(), info)
         ckpt = state.capture(epoch=epoch, step=step, rngs=rngs, loaders=loaders, cfg=cfg, classes=classes,
                              world_size=info.world_size)
-        return ckpts.save(ckpt.to_dict(), epoch, step, best=is_best)
+        return ckpts.save(ckpt.to_dict(), epoch + mid_epoch, step, best=is_best)
 
     def stopped(path: Path | None, step: int) -> dict:
         metrics.close()
@@ -231,14 +240,20 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         say.start(epoch, run.epochs, steps, res, start)
         stats = train_one_epoch(net, train_loader, optimizer, schedule, scaler, autocast, loss_fn, ema,
                                 steps=min(steps, start + left), log_every=run.log_every, should_stop=should_stop,
-                                log=say.log, start=start, mean_across=lambda t: dist.mean_across(t, info))
+                                log=say.log, start=start, mean_across=lambda t: dist.mean_across(t, info),
+                                grad_clip=o.grad_clip, grad_accum=o.grad_accum,
+                                batch_transform=build_mix(o, len(classes)))
         say.close()
-        global_step = epoch * steps + stats.steps
+        # Optimizer steps done over the whole run, across resumes: what checkpoints are named and ordered by. Not
+        # epoch * steps + steps into it: after a resume with fewer steps per epoch (more ranks, a bigger batch)
+        # the end of an epoch would get a smaller number than a mid-epoch checkpoint of the same epoch.
+        global_step = state.steps_done = state.steps_done + stats.steps - start
         if stats.stopped:  # preempted mid-epoch: save where we are (the loaders' states say where to go on)
-            return stopped(checkpoint(epoch, global_step), global_step)
+            return stopped(checkpoint(epoch, global_step, mid_epoch=True), global_step)
         train_time = time.perf_counter() - t_epoch
         images = dist.all_reduce_sum(torch.tensor([stats.images], device=device), info).item()
-        row = {"epoch": epoch + 1, "train_loss": stats.loss, "lr": schedule.lr(global_step - 1),
+        last_lr = schedule.lr(epoch * steps + stats.steps - 1)  # the schedule's position, in this run's steps
+        row = {"epoch": epoch + 1, "train_loss": stats.loss, "lr": last_lr,
                "resolution": res, "images_per_sec": images / stats.seconds,
                "data_wait_fraction": stats.data_wait / stats.seconds, "train_time": train_time}
         is_best = False
@@ -250,7 +265,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
                                 "resume with --resume auto")
         dist.broadcast_buffers(model, info)  # rank 0's BN statistics everywhere: eval = checkpoint
         if ema is not None:
-            dist.broadcast_buffers(ema.module, info)  # not n_averaged: a CPU tensor NCCL cannot send
+            dist.broadcast_buffers(ema.module, info)
         if (epoch + 1) % run.eval_every == 0 or epoch + 1 == run.epochs:
             t_eval = time.perf_counter()
             last_eval = evaluate(ema.module if ema is not None else model, val_loader, autocast, info,

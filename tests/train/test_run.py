@@ -90,7 +90,8 @@ def test_stop_and_resume_is_exact(tmp_path, loader, request):
                      "run.max_steps_per_epoch": 3, "data.dtype": "float32"})
     train(_cfg(tmp_path, "whole", **over))
     stopped = train(_cfg(tmp_path, "split", **over), stop=StopAfter(5))  # epoch 2, step 1 of 4 (or 2 of 3)
-    assert stopped["stopped"] == signal.SIGTERM and "epoch0001" in stopped["checkpoint"]
+    # named after the epoch the screen shows ("epoch 2/2"), not the 0-based index
+    assert stopped["stopped"] == signal.SIGTERM and Path(stopped["checkpoint"]).name.startswith("epoch0002-")
     done = train(_cfg(tmp_path, "split", **{**over, "run.resume": "auto"}))
     assert "stopped" not in done
     _assert_same(_params(tmp_path / "whole"), _params(tmp_path / "split"))
@@ -210,6 +211,41 @@ def test_finetune_from_our_checkpoint_linear_and_full(tmp_path):
     assert groups["backbone"]["lr"] == pytest.approx(0.25 * groups["head"]["lr"]) and groups["head"]["lr"] > 0
 
 
+def test_finetune_resumes_without_repeating_pretrained(tmp_path, capsys):
+    """The checkpoint knows it was a fine-tune: a resume without --pretrained (its file gone meanwhile) rebuilds
+    the same parameter groups and frozen modules and continues, for a linear probe and for full fine-tuning."""
+    import shutil
+
+    from train.transfer import PretrainedError
+
+    train(_cfg(tmp_path, "pre", **{"run.epochs": 1}))
+    weights = tmp_path / "weights.pt"
+    shutil.copy(tmp_path / "pre" / "checkpoints" / "best.pt", weights)
+    ft = {"data.synthetic_classes": 3, "data.synthetic_samples": 24}
+    for mode, extra in (("linear", {}), ("full", {"optim.backbone_lr_mult": 0.25})):
+        name = f"ft-{mode}"
+        train(_cfg(tmp_path, name, **ft, **extra, **{"run.epochs": 1, "model.pretrained": str(weights),
+                                                      "model.finetune": mode}))
+        first = load_checkpoint(list_checkpoints(tmp_path / name / "checkpoints")[0])
+        hidden = weights.rename(tmp_path / "elsewhere.pt")
+        capsys.readouterr()
+        summary = train(_cfg(tmp_path, name, **ft, **extra, **{"run.epochs": 2, "run.resume": "auto"}))
+        out = capsys.readouterr().out
+        hidden.rename(weights)
+        assert summary["epochs"] == 2 and "trains from scratch" not in out
+        assert f"fine-tuning ({mode}" in out and "set up as in the checkpoint" in out
+        second = load_checkpoint(list_checkpoints(tmp_path / name / "checkpoints")[0])
+        assert second["epoch"] == 2 and second["config"]["model"]["pretrained"] == str(weights)
+        assert [g["name"] for g in second["optimizer"]["param_groups"]] == \
+            [g["name"] for g in first["optimizer"]["param_groups"]]
+        if mode == "linear":  # still a probe: the backbone and its BN statistics did not move
+            bn = "layer1.0.bn1.running_mean"
+            assert torch.equal(second["model"][bn], first["model"][bn])
+            assert torch.equal(second["model"]["conv1.weight"], first["model"]["conv1.weight"])
+    with pytest.raises(PretrainedError, match="no fine-tuning checkpoint to resume from"):
+        train(_cfg(tmp_path, "nothing-yet", **{"run.resume": "auto", "model.finetune": "linear"}))
+
+
 def test_linear_probe_needs_pretrained_weights(tmp_path):
     from train.config import ConfigError
     with pytest.raises(ConfigError, match="need pretrained weights: pass --pretrained"):
@@ -265,23 +301,24 @@ def test_a_used_out_is_refused_for_a_fresh_run_and_a_finished_run_is_left_alone(
 
     first = train(_cfg(tmp_path, **{"run.epochs": 2}))
     out = tmp_path / "run"
-    files = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    files = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "run.lock"}
     with pytest.raises(ConfigError, match="already holds checkpoints .*--resume auto.*new --out"):
         train(_cfg(tmp_path, **{"run.epochs": 2}))
     again = train(_cfg(tmp_path, **{"run.epochs": 2, "run.resume": "auto"}))
     assert again["already_done"] and again["final"] == first["final"]
-    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files  # nothing rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")
+            if p.is_file() and p.name != "run.lock"} == files  # nothing rewritten but the run lock
 
 
 def test_resume_applies_this_runs_optimizer_settings_and_reads_checkpoints_in_epoch_order(tmp_path, capsys):
     """optimizer.load_state_dict brought back the saved weight decay and momentum while config.json recorded
-    the new ones. A resume with a bigger batch has fewer steps per epoch: its later checkpoints carry smaller
-    step numbers, and must still count as the newest (rotation used to delete them)."""
+    the new ones. A resume with a bigger batch has fewer steps per epoch: its later checkpoints must still count
+    as the newest (rotation used to delete them); their step is the optimizer steps done over the whole run."""
     train(_cfg(tmp_path, **{"run.epochs": 2, "run.keep_last": 2}))  # 4 steps per epoch at batch 8: steps 4, 8
     train(_cfg(tmp_path, **{"run.epochs": 3, "run.keep_last": 2, "run.resume": "auto", "data.batch_size": 16,
-                            "optim.weight_decay": 0.5, "optim.momentum": 0.5}))  # 2 steps per epoch: step 6
+                            "optim.weight_decay": 0.5, "optim.momentum": 0.5}))  # 2 steps per epoch: step 10
     names = [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")]
-    assert names == ["epoch0003-step00000006.pt", "epoch0002-step00000008.pt"]
+    assert names == ["epoch0003-step00000010.pt", "epoch0002-step00000008.pt"]
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / names[0])
     groups = state["optimizer"]["param_groups"]
     assert {g["momentum"] for g in groups} == {0.5} and max(g["weight_decay"] for g in groups) == 0.5
@@ -305,3 +342,38 @@ def test_broken_weights_are_never_checkpointed(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLoss, match="weights hold NaN/inf after epoch 1"):
         train(_cfg(tmp_path, **{"run.epochs": 1}))
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+def test_the_schedule_is_fitted_to_the_run_and_printed_once(tmp_path, capsys):
+    """A warm-up longer than half the run is clamped (config.json records what ran) and the resolved schedule
+    is printed at start."""
+    train(_cfg(tmp_path, **{"run.epochs": 2, "optim.warmup_epochs": 5}))
+    out = capsys.readouterr().out
+    assert "warm-up clamped to 1 epochs" in out
+    assert out.count("schedule: warm-up 4 steps (1 epochs) to peak lr") == 1 and "train px per epoch: 32 x2" in out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["warmup_epochs"] == 1
+
+
+def test_lamb_with_accumulation_clipping_and_mixing_trains_and_resume_keeps_its_optimizer(tmp_path, capsys,
+                                                                                           monkeypatch):
+    import train.trainer as run_mod  # the epoch driver calls train_one_epoch
+
+    seen = []
+    real_epoch = run_mod.train_one_epoch
+
+    def spy(*args, **kwargs):
+        seen.append({k: kwargs[k] for k in ("grad_clip", "grad_accum", "batch_transform")})
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "train_one_epoch", spy)
+    over = {"run.epochs": 1, "optim.optimizer": "lamb", "optim.lr": 0.004, "optim.weight_decay": 0.02,
+            "optim.grad_accum": 2, "optim.grad_clip": 1.0, "optim.mixup": 0.2, "optim.cutmix": 1.0}
+    summary = train(_cfg(tmp_path, **over))
+    assert "global batch 16" in capsys.readouterr().out  # 8 per batch x 2 accumulated
+    assert seen[0]["grad_clip"] == 1.0 and seen[0]["grad_accum"] == 2 and seen[0]["batch_transform"] is not None
+    state = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[0])
+    assert "exp_avg" in next(iter(state["optimizer"]["state"].values()))  # Lamb's state, not SGD's momentum
+    assert summary["final"] is not None
+    from train.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="trained with optim.optimizer=lamb.*--set optim.optimizer=lamb"):
+        train(_cfg(tmp_path, **{**over, "run.epochs": 2, "optim.optimizer": "sgd", "run.resume": "auto"}))

@@ -131,6 +131,100 @@ def test_foreign_or_code_bearing_files_are_refused(tmp_path):
         load_pretrained(torchvision.models.resnet18(num_classes=2), tmp_path / "nope.pth", "resnet18")
 
 
+class _LightningConfig:  # a user's class in Lightning's hyper_parameters: not built by weights_only=True
+    def __init__(self, lr):
+        self.lr = lr
+
+
+def _shifted(state: dict, by: float) -> dict:
+    return {k: (v + by if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def test_timm_checkpoint_gives_its_ema_weights(r18_state, tmp_path):
+    """timm's train.py saves state_dict, state_dict_ema and args (an argparse.Namespace) with version 2."""
+    import argparse
+
+    src, _ = r18_state
+    opt = torch.optim.SGD(src.parameters(), lr=0.1, momentum=0.9)
+    ema = _shifted(src.state_dict(), 1.0)
+    path = tmp_path / "timm-last.pth.tar"
+    torch.save({"epoch": 9, "arch": "resnet18", "state_dict": src.state_dict(), "optimizer": opt.state_dict(),
+                "version": 2, "args": argparse.Namespace(model="resnet18", lr=0.1, epochs=10, mean=None),
+                "metric": 71.5, "state_dict_ema": {f"module.{k}": v for k, v in ema.items()}}, path)
+    model = torchvision.models.resnet18(num_classes=10)
+    report = load_pretrained(model, path, "resnet18")
+    assert not report.missing and not report.unexpected and not report.replaced
+    assert torch.equal(model.conv1.weight, ema["conv1.weight"])
+    assert "timm" in report.source and "EMA weights" in report.source and "arch resnet18" in report.source
+
+
+def test_lightning_checkpoint_strips_the_module_attribute(r18_state, tmp_path):
+    """Lightning nests the weights under the LightningModule's attribute (`model.`, `net.`); other modules of
+    it (a weighted loss) are reported as unexpected, not loaded."""
+    src, _ = r18_state
+    opt = torch.optim.SGD(src.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 30)
+    for attr in ("model", "net"):
+        state = {f"{attr}.{k}": v for k, v in src.state_dict().items()}
+        state["criterion.weight"] = torch.ones(10)
+        path = tmp_path / f"lightning-{attr}.ckpt"
+        torch.save({"epoch": 4, "global_step": 120, "pytorch-lightning_version": "2.5.1", "state_dict": state,
+                    "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 5}}}},
+                    "callbacks": {"ModelCheckpoint{'monitor': 'val_acc'}": {"best_model_score": torch.tensor(0.7),
+                                                                          "dirpath": "/runs/x"}},
+                    "optimizer_states": [opt.state_dict()], "lr_schedulers": [sched.state_dict()],
+                    "hparams_name": "kwargs", "hyper_parameters": {"lr": 0.1, "arch": "resnet18"}}, path)
+        model = torchvision.models.resnet18(num_classes=5)
+        report = load_pretrained(model, path, "resnet18")
+        assert torch.equal(model.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
+        assert set(report.replaced) == {"fc.weight", "fc.bias"} and not report.missing
+        assert report.unexpected == ("criterion.weight",)
+        assert "Lightning" in report.source and f"under '{attr}.'" in report.source
+
+
+def test_torchvision_references_checkpoint_with_args_and_model_ema(r18_state, tmp_path):
+    """references/classification/train.py: model, optimizer, lr_scheduler, epoch, args (Namespace), and
+    model_ema (an AveragedModel: module. prefix and n_averaged)."""
+    import argparse
+
+    from torch.optim.swa_utils import AveragedModel
+
+    src, _ = r18_state
+    averaged = AveragedModel(src)
+    with torch.no_grad():
+        for p in averaged.module.parameters():
+            p.add_(0.5)
+    opt = torch.optim.SGD(src.parameters(), lr=0.5)
+    path = tmp_path / "checkpoint.pth"
+    args = argparse.Namespace(model="resnet18", lr=0.5, epochs=600, weights=None, data_path="/datasets01/imagenet")
+    torch.save({"model": src.state_dict(), "optimizer": opt.state_dict(),
+                "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 30).state_dict(), "epoch": 599,
+                "args": args, "model_ema": averaged.state_dict()}, path)
+    model = torchvision.models.resnet18(num_classes=10)
+    report = load_pretrained(model, path, "resnet18")
+    assert torch.equal(model.conv1.weight, averaged.module.conv1.weight)
+    assert not report.unexpected and not report.missing  # n_averaged dropped, module. stripped
+    assert "torchvision references" in report.source and "EMA" in report.source
+    from train.transfer import read_state
+
+    raw, meta = read_state(path, "resnet18", ema=False)
+    assert meta["weights"] == "raw" and torch.equal(raw["conv1.weight"], src.conv1.weight)
+
+
+def test_foreign_checkpoint_with_other_pickled_classes_is_refused_with_how_to_convert(r18_state, tmp_path):
+    src, _ = r18_state
+    path = tmp_path / "lightning.ckpt"
+    torch.save({"pytorch-lightning_version": "2.5.1", "state_dict": src.state_dict(),
+                "hyper_parameters": {"config": _LightningConfig(0.1)}}, path)
+    with pytest.raises(PretrainedError, match=r"_LightningConfig.*weights_only=False.*torch.save") as info:
+        load_pretrained(torchvision.models.resnet18(num_classes=10), path, "resnet18")
+    assert len(str(info.value)) < 600  # not torch's thousand-character message
+    junk = tmp_path / "opt.pth"
+    torch.save({"optimizer": {"lr": 0.1}}, junk)
+    with pytest.raises(PretrainedError, match="no state dict of tensors.*top-level keys: optimizer"):
+        load_pretrained(torchvision.models.resnet18(num_classes=10), junk, "resnet18")
+
+
 def test_torchvision_name_uses_hub_cache_only(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(PretrainedError, match=r"resnet18-f37072fd\.pth.*nothing is downloaded|nothing is downloaded.*resnet18-f37072fd\.pth"):

@@ -1,0 +1,249 @@
+"""Shards on object storage or a web server: `--data s3://bucket/shards`, `gs://bucket/shards`,
+`https://host/shards` (any folder made by imt-make-shards or imt-index-shards, uploaded as it is).
+
+    root = stage(cfg)        # a local shard folder in data.cache_dir: what both loaders read
+    for path in ShardCache(url, cache_dir, limit).stream(order): ...   # one shard at a time, prefetched
+
+Transport: fsspec (s3fs for s3://, gcsfs for gs://, aiohttp for http(s)://), so credentials, endpoints
+and regions come from each store's usual configuration (AWS_* variables and ~/.aws, gcloud's, ...).
+
+The manifest is read from the store on every start (it is small, and the data may have been remade); the
+index files and tars are kept in `data.cache_dir/<hash of the URL>/`, named `<sha256[:16]>-<name>` so
+a tar that changed on the store is never taken for the cached one. A download goes to a temporary name,
+is hashed, checked against the manifest's size and sha256, and only then renamed: a loader never sees a
+partial tar, so never a partial sample. A dropped connection, a timeout or a short or corrupt transfer is
+retried (RETRIES tries, with backoff); ranks of one node share the cache through a lock per file.
+
+Cache size and eviction (`data.cache_limit`, GiB, 0 = no limit). `stream(order)` reads shards in a given
+order, fetching up to `prefetch` ahead within the limit and evicting by `victims`: first shards not needed
+again in the rest of the order, most recently used first; then the one needed farthest ahead (Belady).
+Under LRU a cache smaller than the data set misses on every shard of every epoch once the order cycles
+(Mosaic Streaming issue #658); most-recently-used-first keeps a fixed part of the data set resident across
+epochs, so each epoch after the first fetches only what does not fit. The loaders draw every epoch's
+samples from all shards at random (a global shuffle), so `stage`, which they use, needs the whole data set
+to fit the limit and says so otherwise; `stream` serves shard-sequential readers.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+from .manifest import MANIFEST_NAME, ManifestError
+
+SCHEMES = ("s3://", "gs://", "gcs://", "http://", "https://")
+RETRIES = 5
+BACKOFF_S = 0.5  # first retry after 0.5 s, then 1, 2, 4 s
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imt" / "shards"
+
+
+def is_remote(path: str) -> bool:
+    return str(path).startswith(SCHEMES)
+
+
+def _join(base: str, rel: str) -> str:
+    """`base`/`rel` for URLs and bucket paths, resolving `..` (adopted shards may name ../x.tar)."""
+    parts = base.rstrip("/").split("/")
+    for p in rel.split("/"):
+        if p == "..":
+            parts.pop()
+        elif p not in ("", "."):
+            parts.append(p)
+    return "/".join(parts)
+
+
+def victims(resident: dict[str, int], need: int, limit: int, upcoming: list[str], recent: list[str]) -> list[str]:
+    """Resident shards (name -> bytes) to delete so `need` more bytes fit in `limit`. First those not in
+    `upcoming` (the rest of the order), the most recently used first (`recent`: oldest use first); then the
+    one needed farthest ahead. Never one needed next."""
+    free = limit - sum(resident.values())
+    if free >= need:
+        return []
+    ahead = {}
+    for i, name in enumerate(upcoming):
+        ahead.setdefault(name, i)
+    used = {name: i for i, name in enumerate(recent)}
+    candidates = sorted((n for n in resident if not upcoming or n != upcoming[0]),
+                        key=lambda n: (n not in ahead, ahead.get(n, 0), used.get(n, -1)), reverse=True)
+    out = []
+    for name in candidates:
+        if free >= need:
+            break
+        out.append(name)
+        free += resident[name]
+    return out
+
+
+class ShardCache:
+    """The shard folder at `url`, mirrored on demand into `cache_dir` (see the module's docstring)."""
+
+    def __init__(self, url: str, cache_dir: str | Path = "", limit_gib: float = 0.0, *, workers: int = 4,
+                 prefetch: int = 2, retries: int = RETRIES):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        try:
+            self.fs, self.base = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as e:  # e.g. s3fs or gcsfs not installed
+            raise ManifestError(f"cannot read {self.url}: {e}. Install the store's fsspec backend: "
+                                "pip install 'imt[remote]' (s3fs, gcsfs, aiohttp)") from e
+        self.dir = Path(cache_dir or DEFAULT_CACHE) / hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        self.limit = int(limit_gib * 2**30)
+        self.workers, self.prefetch, self.retries = workers, prefetch, retries
+        self.fetches = 0  # downloads done (tests, logs)
+        self._recent: list[str] = []
+        self._manifest: dict | None = None
+
+    # -------------------------------------------------------------------------------- manifest
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            where = _join(self.base, MANIFEST_NAME)
+            try:
+                raw = self._retry(lambda: self.fs.cat_file(where), where)
+            except FileNotFoundError:
+                raise ManifestError(f"{self.url}/{MANIFEST_NAME} not found: upload a whole folder made by "
+                                    "imt-make-shards or imt-index-shards (manifest.json, .tar and .idx)") from None
+            try:
+                self._manifest = json.loads(raw)
+            except ValueError as e:
+                raise ManifestError(f"{self.url}/{MANIFEST_NAME}: not JSON ({e})") from e
+        return self._manifest
+
+    def shards(self) -> dict[str, dict]:
+        """Local name of every tar and index -> {remote, bytes, sha256 (tars only)}."""
+        out = {}
+        for split in self.manifest().get("splits", {}).values():
+            for s in split.get("shards", []):
+                name = f"{s['sha256'][:16]}-{Path(s['file']).name}"
+                out[name] = {"remote": s["file"], "bytes": s.get("bytes"), "sha256": s["sha256"]}
+                out[f"{name[:-4]}.idx"] = {"remote": s["index"], "bytes": s.get("index_bytes"), "sha256": None}
+        return out
+
+    # -------------------------------------------------------------------------------- files
+    def _retry(self, action, what: str):
+        for attempt in range(self.retries):
+            try:
+                return action()
+            except FileNotFoundError:
+                raise
+            except Exception as e:  # noqa: BLE001 - every transport raises its own kinds (aiohttp, botocore, ...)
+                if attempt == self.retries - 1:
+                    raise OSError(f"could not fetch {what} after {self.retries} tries: {type(e).__name__}: {e}. "
+                                  "Check the network and the store's credentials, then start again (the files "
+                                  "already fetched are kept)") from e
+                time.sleep(BACKOFF_S * 2**attempt)
+
+    def fetch(self, name: str) -> Path:
+        """The local copy of shard file `name` (see `shards()`), downloaded and verified if need be."""
+        spec = self.shards()[name]
+        path = self.dir / name
+        if path.is_file() and (spec["bytes"] is None or path.stat().st_size == spec["bytes"]):
+            self._used(name)
+            return path
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / f".{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another rank of this node may be fetching it
+            if not path.is_file():
+                self._retry(lambda: self._download(_join(self.base, spec["remote"]), path, spec), spec["remote"])
+        self._used(name)
+        return path
+
+    def _download(self, remote: str, path: Path, spec: dict) -> None:
+        tmp = path.with_name(f".{path.name}.part{os.getpid()}")
+        try:
+            self.fs.get_file(remote, str(tmp))
+            size = tmp.stat().st_size
+            if spec["bytes"] is not None and size != spec["bytes"]:
+                raise OSError(f"{remote}: {size} bytes arrived, the manifest says {spec['bytes']}")
+            if spec["sha256"]:
+                h = hashlib.sha256()
+                with open(tmp, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        h.update(block)
+                if h.hexdigest() != spec["sha256"]:
+                    raise OSError(f"{remote}: sha256 {h.hexdigest()[:16]}... differs from the manifest's")
+            os.replace(tmp, path)
+            self.fetches += 1
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _used(self, name: str) -> None:
+        if name in self._recent:
+            self._recent.remove(name)
+        self._recent.append(name)
+
+    def _resident(self) -> dict[str, int]:
+        return {p.name: p.stat().st_size for p in self.dir.glob("*.tar")} if self.dir.is_dir() else {}
+
+    # -------------------------------------------------------------------------------- readers
+    def stream(self, order: list[str]) -> Iterator[Path]:
+        """The local path of each tar of `order` (local names), fetched `prefetch` ahead in the background
+        and evicted by `victims` so the cache stays within its limit."""
+        specs = self.shards()
+        with ThreadPoolExecutor(self.workers) as pool:
+            pending: dict = {}
+            for i, name in enumerate(order):
+                rest = order[i:]
+                for ahead in rest[:1 + self.prefetch]:
+                    if ahead in pending or (self.dir / ahead).is_file():
+                        continue
+                    if not self._make_room(specs[ahead]["bytes"] or 0, rest, pending, specs):
+                        if ahead == name:
+                            raise ManifestError(f"{name} ({specs[name]['bytes'] / 2**30:.2f} GiB) does not fit "
+                                                f"data.cache_limit ({self.limit / 2**30:.2f} GiB); raise it")
+                        break  # no room yet: fetched once the reader has moved on
+                    pending[ahead] = pool.submit(self.fetch, ahead)
+                path = pending.pop(name).result() if name in pending else self.fetch(name)
+                self._used(name)
+                yield path
+
+    def _make_room(self, need: int, rest: list[str], pending: dict, specs: dict) -> bool:
+        if not self.limit:
+            return True
+        resident = self._resident()
+        in_flight = sum(specs[n]["bytes"] or 0 for n, f in pending.items() if not f.done())
+        drop = victims(resident, need + in_flight, self.limit, rest, self._recent)
+        if sum(resident.values()) - sum(resident[n] for n in drop) + in_flight + need > self.limit:
+            return False
+        for n in drop:
+            (self.dir / n).unlink(missing_ok=True)
+        return True
+
+    def stage(self) -> Path:
+        """A complete local shard folder for the loaders: every index and tar fetched (in parallel),
+        a manifest naming the local copies; tars of older versions in the cache are removed."""
+        m, specs = self.manifest(), self.shards()
+        total = sum(s["bytes"] or 0 for s in specs.values())
+        if self.limit and total > self.limit:
+            raise ManifestError(f"{self.url} holds {total / 2**30:.1f} GiB of shards but data.cache_limit is "
+                                f"{self.limit / 2**30:.1f} GiB: both loaders shuffle every epoch across all shards, "
+                                "so the cache must hold the whole data set. Raise data.cache_limit (or 0 for no "
+                                "limit), or point data.cache_dir at a larger disk")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for old in self.dir.glob("*.tar"):
+            if old.name not in specs:
+                old.unlink()
+                old.with_name(f"{old.name[:-4]}.idx").unlink(missing_ok=True)
+        with ThreadPoolExecutor(self.workers) as pool:
+            list(pool.map(self.fetch, specs))
+        local = json.loads(json.dumps(m))
+        for split in local.get("splits", {}).values():
+            for s in split.get("shards", []):
+                s["file"] = f"{s['sha256'][:16]}-{Path(s['file']).name}"
+                s["index"] = f"{s['file'][:-4]}.idx"
+        tmp = self.dir / f".{MANIFEST_NAME}.{os.getpid()}"
+        tmp.write_text(json.dumps(local, indent=1) + "\n")
+        os.replace(tmp, self.dir / MANIFEST_NAME)
+        return self.dir
+
+
+def stage(cfg) -> str:
+    """`cfg.path` when local; for a URL, the local copy made by ShardCache.stage (cfg: DataConfig)."""
+    if not is_remote(cfg.path):
+        return cfg.path
+    return str(ShardCache(cfg.path, cfg.cache_dir, cfg.cache_limit, workers=max(1, min(8, cfg.workers))).stage())
