@@ -527,8 +527,8 @@ class DaliLoader:
                     try:
                         self._left_at = {"epoch": self.pos.epoch, "done": self.pos.done, "dali": self._checkpoint(),
                                          "built_epoch": self._first_epoch, "resolution": self._built_resolution}
-                    except RuntimeError:
-                        pass  # the pipeline failed: nothing to resume from but the epoch's start
+                    except (RuntimeError, AttributeError):  # AttributeError: DALI's pipeline already shut down
+                        pass  # (the pipeline failed, or the interpreter is exiting): resume from the epoch's start
                 self._free()  # DALI cannot rewind: start afresh (or from that checkpoint)
         if yielded != length:
             raise RuntimeError(f"DALI yielded {yielded} batches on rank {self.rank}, expected "
