@@ -58,7 +58,6 @@ Choices, with reasons:
 """
 from __future__ import annotations
 
-import functools
 import math
 import re
 from typing import Iterator
@@ -272,6 +271,7 @@ class DaliLoader:
         # resume on other ranks must not train again. DALI's own order is internal to its reader.
         self._consumed: list[int] = []
         self._elastic: tuple | None = None  # (epoch, state, this rank's batches) of a resume on other ranks
+        self._index_of: dict[bytes, int] | None = None  # adopted data sets: sample name -> index in the split
 
     # --- contract ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -345,16 +345,14 @@ class DaliLoader:
         _, start = self.pos.begin(self.epoch)
         self.pos.end = self._len
         self._consumed = [int(i) for i in torch.as_tensor(resume["consumed"]).tolist()] if resume else []
-        if elastic is not None:
-            self.pos.done = start = 0
-            self.pos.end = len(elastic[2])
-            # Rank 0 carries what the earlier runs trained, so all ranks' states together still say it all.
-            self._consumed = list(elastic[1]) if self.rank == 0 else []
-            self._build_rest([i for b in elastic[2] for i in b])
-            yield from self._epoch_batches(0, size=sum(map(len, elastic[2])), length=len(elastic[2]))
-            return
         try:  # the iterator runs the first batches when it is built: a bad sample can fail already
-            if resume is not None and resume.get("dali") and int(resume["resolution"]) == self.resolution:
+            if elastic is not None:
+                self.pos.done = start = 0
+                self.pos.end = len(elastic[2])
+                # Rank 0 carries what the earlier runs trained, so all ranks' states together still say it all.
+                self._consumed = list(elastic[1]) if self.rank == 0 else []
+                self._build_rest([i for b in elastic[2] for i in b])
+            elif resume is not None and resume.get("dali") and int(resume["resolution"]) == self.resolution:
                 self._build(checkpoint=resume["dali"], built_epoch=int(resume["built_epoch"]))
             elif resume is not None:  # made at another resolution: the uninterrupted run rebuilt here too
                 self.pos.done = start = 0
@@ -369,6 +367,9 @@ class DaliLoader:
             if (why := self._explain(e)) is None:
                 raise
             raise RuntimeError(why) from e
+        if elastic is not None:
+            yield from self._epoch_batches(0, size=sum(map(len, elastic[2])), length=len(elastic[2]))
+            return
         yield from self._epoch_batches(start)
 
     # --- internals ----------------------------------------------------------------------------
@@ -404,7 +405,7 @@ class DaliLoader:
             prefetch_queue_depth=cfg.prefetch, seed=_seed(cfg.seed, first, self.rank, 1),
             enable_checkpointing=self.train, checkpoint=checkpoint or None, **executor_args(self.gpu))
         pipe.build()
-        names = self._names(keys=self.keys or self.train)
+        names = self._names(self.keys or self.train)
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         self._pipe = pipe
         self._iter = DALIGenericIterator([pipe], names, reader_name="Reader",
@@ -418,7 +419,7 @@ class DaliLoader:
         import tempfile
         from pathlib import Path
 
-        self._free()  # the old pipeline's buffers go before the new one's are allocated
+        self._free()
         self._left_at = None
         wanted = set(samples)
         tars, indexes, first = [], [], 0
@@ -435,16 +436,15 @@ class DaliLoader:
             cfg = self.cfg
             pipe = _graph(
                 tars, indexes, train=True, decode=self.decode, augment_gpu=self.gpu, out_type=self.out_type,
-                size=self.resolution,
-                resize_shorter=int(cfg.val_resolution / cfg.val_resize_ratio), cfg=cfg, shard_id=0, num_shards=1,
-                reader_seed=_seed(cfg.seed, self.epoch, self.rank, 2), order_seed=0, keys=True,
-                label_ext=self.manifest.label_ext, one_epoch=True,
-                batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
-                device_id=(self.device.index or 0) if self.gpu else None, prefetch_queue_depth=cfg.prefetch,
-                seed=_seed(cfg.seed, self.epoch, self.rank, 3), **executor_args(self.gpu))
+                size=self.resolution, resize_shorter=int(cfg.val_resolution / cfg.val_resize_ratio), cfg=cfg,
+                shard_id=0, num_shards=1, reader_seed=_seed(cfg.seed, self.epoch, self.rank, 2), order_seed=0,
+                keys=True, label_ext=self.manifest.label_ext, one_epoch=True, batch_size=cfg.batch_size,
+                num_threads=max(1, cfg.workers), device_id=(self.device.index or 0) if self.gpu else None,
+                prefetch_queue_depth=cfg.prefetch, seed=_seed(cfg.seed, self.epoch, self.rank, 3),
+                **executor_args(self.gpu))
             pipe.build()  # reads the index files now
         self._pipe = pipe
-        names = self._names(keys=True)
+        names = self._names(True)
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         self._iter = DALIGenericIterator([pipe], names, reader_name="Reader", last_batch_policy=policy,
                                          auto_reset=False)
@@ -452,7 +452,7 @@ class DaliLoader:
         self._built_resolution = self.resolution
 
     def _names(self, keys: bool) -> list[str]:
-        """The graph's outputs, in _graph's order."""
+        """The iterator's output names, in the graph's output order."""
         return ["images", "labels"] + (["host_labels"] if self.gpu else []) + (["keys"] if keys else [])
 
     def _checkpoint(self) -> bytes:
@@ -527,34 +527,33 @@ class DaliLoader:
                     try:
                         self._left_at = {"epoch": self.pos.epoch, "done": self.pos.done, "dali": self._checkpoint(),
                                          "built_epoch": self._first_epoch, "resolution": self._built_resolution}
-                    except RuntimeError:
-                        pass  # the pipeline failed: nothing to resume from but the epoch's start
+                    except (RuntimeError, AttributeError):  # AttributeError: DALI's pipeline already shut down
+                        pass  # (the pipeline failed, or the interpreter is exiting): resume from the epoch's start
                 self._free()  # DALI cannot rewind: start afresh (or from that checkpoint)
         if yielded != length:
             raise RuntimeError(f"DALI yielded {yielded} batches on rank {self.rank}, expected "
                                f"{length}: ranks would fall out of step (please report this)")
 
     def _keys(self, out: dict) -> list[int]:
-        """The batch's samples as indices in the split (make_shards names them <split>_<index>). One bytes
-        object for the batch: 0.3 ms per 256 keys here, against 2 ms converting row by row (measured).
-        Adopted shards (tools/index_shards.py) keep their maker's keys: looked up by member name instead."""
+        """The batch's samples as indices in the split. make_shards names sample i `<split>_<i:08d>`, so the
+        index is read from the name (one bytes object per batch: 0.3 ms per 256 keys here, against 2 ms row by
+        row, measured); an adopted data set's names are looked up in its index files (read once)."""
         a = out["keys"].cpu().numpy()
         raw, width = a.tobytes(), a.shape[1]
-        infos = [raw[i:i + width].rstrip(b"\0") for i in range(0, len(raw), width)]
-        if self.manifest.label_ext != "lbl":
-            positions = self._positions
-            return [positions[info.rsplit(b":", 1)[-1].decode()] for info in infos]
-        return [int(info.rsplit(b"_", 1)[-1].split(b".")[0]) for info in infos]
-
-    @functools.cached_property
-    def _positions(self) -> dict[str, int]:
-        """Image member name -> index in the split (line order of the split's index files)."""
-        names = []
-        for shard in self.split.shards:
-            index = read_index(shard.index)
-            jpg, c = index.column("jpg"), len(index.exts)
-            names += index.names[jpg::c]
-        return {name: i for i, name in enumerate(names)}
+        names = [raw[i:i + width].rstrip(b"\0").rsplit(b":", 1)[-1].rsplit(b".", 1)[0]
+                 for i in range(0, len(raw), width)]
+        if not self.manifest.adopted:
+            return [int(n.rsplit(b"_", 1)[-1]) for n in names]
+        if self._index_of is None:
+            from .manifest import read_index
+            self._index_of, first = {}, 0
+            for shard in self.split.shards:
+                idx = read_index(shard.index)
+                col, c = idx.column("jpg"), len(idx.exts)
+                for j in range(len(idx)):
+                    self._index_of[idx.names[j * c + col].rsplit(".", 1)[0].encode()] = first + j
+                first += len(idx)
+        return [self._index_of[n] for n in names]
 
     def _label_error(self, labels: torch.Tensor):
         """The error for a batch holding a label outside [0, classes): DALI does not say which sample it read,

@@ -95,6 +95,7 @@ class TrainState:
         self.model, self.optimizer, self.scaler, self.schedule, self.ema = model, optimizer, scaler, schedule, ema
         self.best: dict = {"val_top1": -1.0, "epoch": 0}
         self.epoch = 0  # epochs completed
+        self.steps_done = 0  # optimizer steps over the whole run, across resumes
         self.say = say
 
     def capture(self, *, epoch: int, step: int, rngs: list[dict], loaders: list[dict], cfg, classes,
@@ -144,4 +145,4 @@ class TrainState:
         if rngs:
             set_rng_state(rngs[rank] if len(rngs) == world_size else rngs[0])
         self.best = dict(ckpt.best)
-        self.epoch = ckpt.epoch
+        self.epoch, self.steps_done = ckpt.epoch, ckpt.step

@@ -245,12 +245,16 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
                                 grad_clip=o.grad_clip, grad_accum=o.grad_accum,
                                 batch_transform=build_mix(o, len(classes)))
         say.close()
-        global_step = epoch * steps + stats.steps
+        # Optimizer steps done over the whole run, across resumes: what checkpoints are named and ordered by. Not
+        # epoch * steps + steps into it: after a resume with fewer steps per epoch (more ranks, a bigger batch)
+        # the end of an epoch would get a smaller number than a mid-epoch checkpoint of the same epoch.
+        global_step = state.steps_done = state.steps_done + stats.steps - start
         if stats.stopped:  # preempted mid-epoch: save where we are (the loaders' states say where to go on)
             return stopped(checkpoint(epoch, global_step, mid_epoch=True), global_step)
         train_time = time.perf_counter() - t_epoch
         images = dist.all_reduce_sum(torch.tensor([stats.images], device=device), info).item()
-        row = {"epoch": epoch + 1, "train_loss": stats.loss, "lr": schedule.lr(global_step - 1),
+        last_lr = schedule.lr(epoch * steps + stats.steps - 1)  # the schedule's position, in this run's steps
+        row = {"epoch": epoch + 1, "train_loss": stats.loss, "lr": last_lr,
                "resolution": res, "images_per_sec": images / stats.seconds,
                "data_wait_fraction": stats.data_wait / stats.seconds, "train_time": train_time}
         is_best = False

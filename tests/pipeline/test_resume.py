@@ -178,3 +178,27 @@ def test_elastic_rest_too_small_for_every_rank_repeats_a_few_rather_than_losing_
     assert [len(p) for p in rest] == [1, 1, 1]
     seen = collections.Counter(trained + [i for p in rest for b in p for i in b])
     assert set(seen) == set(order) and sum(seen.values()) - len(order) <= 2
+
+
+def test_dali_records_the_trained_samples_of_an_adopted_data_set_by_index(tmp_path, synthetic_root):
+    """Adopted WebDataset tars keep their maker's keys (not <split>_<index>): the trained samples are found in
+    the index files by name, so an elastic resume over them knows what is left."""
+    pytest.importorskip("webdataset")
+    from pipeline.manifest import load_manifest, read_index
+    from tests.tools.test_index_shards import wds_shards  # noqa: F401 - the fixture's maker
+    from tools.index_shards import index_shards
+
+    root = wds_shards.__wrapped__(synthetic_root, tmp_path)[0]
+    index_shards(root, progress=False)
+    split = load_manifest(root).split("train")
+    names = [n.rsplit(".", 1)[0] for s in split.shards for idx in [read_index(s.index)]
+             for n in idx.names[idx.column("jpg")::len(idx.exts)]]
+    lo = DaliLoader(_cfg(root), "train", DistInfo(), train=True, keys=True)
+    lo.set_epoch(0)
+    it = iter(lo)
+    keys = [k for _, b in zip(range(2), it) for k in b[2]]
+    state = lo.state_dict()
+    trained = state["consumed"].tolist()
+    assert len(set(trained)) == 16 and all(0 <= i < len(names) for i in trained)
+    # keys=True's names drop everything after a key's first dot (c1_squares_0000.v2 -> c1_squares_0000)
+    assert [names[i].split(".")[0] for i in trained] == keys

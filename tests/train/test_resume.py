@@ -139,7 +139,7 @@ def test_a_checkpoint_from_before_loader_states_resumes_at_its_epoch_boundary(tm
     assert "written before checkpoints kept the loaders' state, so epoch 2 starts from its beginning" in said
     assert "taken after 1 of its steps" in said
     assert summary["final"] is not None and "Traceback" not in said
-    assert load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[0])["step"] == 8
+    assert load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[0])["step"] == 9  # 5 + 4 steps done
 
 
 def test_weights_only_bundle_is_refused_as_a_resume_with_what_to_do(tmp_path):
@@ -177,4 +177,7 @@ def test_resume_with_another_batch_size_trains_the_rest_of_the_epoch_and_continu
     optim = load_config(None, over).optim
     # The last step is step 11 of 12 of the batch-16 schedule, as if the run had had that batch all along.
     assert rows[-1]["epoch"] == 2 and rows[-1]["lr"] == pytest.approx(peak_lr(optim, 16) * lr_factor(11, optim, 6, 2))
-    assert load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[0])["step"] == 12
+    # Named by the optimizer steps done (16 at batch 8, then 4 at 16): newer than the mid-epoch checkpoint of
+    # the same epoch (step 16), so --resume auto would not go back to it.
+    newest = list_checkpoints(tmp_path / "run" / "checkpoints")[0]
+    assert newest.name == "epoch0002-step00000020.pt" and load_checkpoint(newest)["epoch"] == 2

@@ -312,13 +312,13 @@ def test_a_used_out_is_refused_for_a_fresh_run_and_a_finished_run_is_left_alone(
 
 def test_resume_applies_this_runs_optimizer_settings_and_reads_checkpoints_in_epoch_order(tmp_path, capsys):
     """optimizer.load_state_dict brought back the saved weight decay and momentum while config.json recorded
-    the new ones. A resume with a bigger batch has fewer steps per epoch: its later checkpoints carry smaller
-    step numbers, and must still count as the newest (rotation used to delete them)."""
+    the new ones. A resume with a bigger batch has fewer steps per epoch: its later checkpoints must still count
+    as the newest (rotation used to delete them); their step is the optimizer steps done over the whole run."""
     train(_cfg(tmp_path, **{"run.epochs": 2, "run.keep_last": 2}))  # 4 steps per epoch at batch 8: steps 4, 8
     train(_cfg(tmp_path, **{"run.epochs": 3, "run.keep_last": 2, "run.resume": "auto", "data.batch_size": 16,
-                            "optim.weight_decay": 0.5, "optim.momentum": 0.5}))  # 2 steps per epoch: step 6
+                            "optim.weight_decay": 0.5, "optim.momentum": 0.5}))  # 2 steps per epoch: step 10
     names = [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")]
-    assert names == ["epoch0003-step00000006.pt", "epoch0002-step00000008.pt"]
+    assert names == ["epoch0003-step00000010.pt", "epoch0002-step00000008.pt"]
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / names[0])
     groups = state["optimizer"]["param_groups"]
     assert {g["momentum"] for g in groups} == {0.5} and max(g["weight_decay"] for g in groups) == 0.5
