@@ -490,7 +490,7 @@ def run_checks(ctx: Ctx, only: tuple[str, ...], write: Callable[[list[dict]], No
 @click.option("--count", type=int, help="Samples in the data set [default: 10000 on a GPU, 64 on the CPU].")
 @click.option("--cache", type=click.Path(path_type=Path), default=Path("runs/bench-cache"),
               help="Where the replicated, sharded data set is kept between runs.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("gpu_check.json"),
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("runs/gpu_check.json"),
               help="All results, rewritten after every check.")
 @click.option("--budget", type=float, default=450.0, help="Seconds; a check that would start later is skipped.")
 @click.option("--only", multiple=True, type=click.Choice([c[0] for c in CHECKS]), help="Run only these checks.")

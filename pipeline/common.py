@@ -202,13 +202,40 @@ def epoch_plan(order: list[int], world: int, rank: int, batch: int, drop_last: b
     after `done` batches. What the last of them left, in the order its ranks would have read it, is
     split among this run's ranks by rank_batches again: every sample of the epoch is trained exactly
     once across all the runs, and every rank of this run gets the same number of non-empty batches.
-    Without segments it is the whole epoch."""
+    Without segments it is the whole epoch. When the rest is too small to give every rank equal non-empty
+    batches (fewer samples than ranks, say), the first world - 1 at most are repeated to fill it: trained
+    twice rather than lost."""
     todo = list(order)
     for w, b, done in segments:
         todo = [i for r in range(w) for part in rank_batches(todo, w, r, b, drop_last)[done:] for i in part]
-    if len(todo) < world:  # a handful of samples cannot give every rank a batch
+    return split_rest(todo, world, rank, batch, drop_last) if segments else \
+        rank_batches(todo, world, rank, batch, drop_last)
+
+
+def split_rest(todo: list[int], world: int, rank: int, batch: int, drop_last: bool) -> list[list[int]]:
+    """rank_batches of what is left of an epoch; when that rest cannot give every rank equal non-empty
+    batches (fewer samples than ranks, say), at most world - 1 of its samples are repeated to fill it,
+    decided alike on every rank."""
+    if not todo:
         return []
+    try:
+        for r in range(world):
+            rank_batches(todo, world, r, batch, drop_last)
+    except ValueError:
+        todo = todo + todo[:(-len(todo)) % world]  # equal shares: every rank the same batches, none to split
     return rank_batches(todo, world, rank, batch, drop_last)
+
+
+def combine_states(states: list[dict], world: int, rank: int) -> dict:
+    """The loader state for `rank` of a run on `world` ranks, from the states a checkpoint keeps (one per rank
+    of the run that saved it): that rank's own when the number of ranks is the same, else rank 0's; plus, where
+    the loader records which samples it trained this epoch ("consumed"), all ranks' together
+    ("consumed_all"), from which a loader can tell what is left of the epoch."""
+    out = dict(states[rank] if len(states) == world else states[0])
+    if all("consumed" in s for s in states):
+        out["consumed_all"] = torch.cat([torch.as_tensor(s["consumed"], dtype=torch.int64).reshape(-1)
+                                         for s in states]).unique()
+    return out
 
 
 class Position:

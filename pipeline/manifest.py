@@ -10,6 +10,7 @@ inside DALI or webdataset.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,19 +185,26 @@ def _check_shard(shard: Shard, root: Path) -> None:
                             f"{shard.num_samples}; {_remake_hint(root)}")
 
 
-def _inside(root: Path, name: object, where: Path) -> Path:
+def _inside(root: Path, name: object, where: Path, tars: Path | None = None) -> Path:
     """`root / name` for a file name the manifest lists; a path that leaves the folder (absolute, or with
-    `..`) is refused: a tampered manifest must not make the loaders read files elsewhere."""
+    `..`) is refused: a tampered manifest must not make the loaders read files elsewhere. `tars`: the folder
+    of the user's tars that an adopted data set (tools/index_shards.py --out elsewhere) lists relative to
+    root; a tar path may lead there, and nowhere else."""
     rel = Path(str(name))
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise ManifestError(f"{where}: lists {str(name)!r}, a path outside {root}; a manifest lists files inside "
-                            f"its own folder only. It was edited or is not ours: {_remake_hint(root)}")
-    return root / rel
+    if tars is not None and not rel.is_absolute() and rel.parts:
+        target = Path(os.path.normpath(root / rel))
+        if target.is_relative_to(os.path.normpath(tars)) or target.is_relative_to(os.path.normpath(root)):
+            return root / rel
+    elif not (rel.is_absolute() or ".." in rel.parts or not rel.parts):
+        return root / rel
+    raise ManifestError(f"{where}: lists {str(name)!r}, a path outside {root}"
+                        + (f" and {tars}" if tars is not None else "") + "; a manifest lists files inside "
+                        f"its own folder only. It was edited or is not ours: {_remake_hint(root)}")
 
 
-def _parse_split(name: str, d: dict, root: Path, where: Path) -> Split:
+def _parse_split(name: str, d: dict, root: Path, where: Path, tars: Path | None = None) -> Split:
     try:
-        shards = tuple(Shard(tar=_inside(root, s["file"], where), index=_inside(root, s["index"], where),
+        shards = tuple(Shard(tar=_inside(root, s["file"], where, tars), index=_inside(root, s["index"], where),
                              num_samples=int(s["num_samples"]), sha256=str(s["sha256"]))
                        for s in d["shards"])
         split = Split(name=name, num_samples=int(d["num_samples"]), shards=shards,
@@ -235,8 +243,10 @@ def load_manifest(root: str | Path, *, check_files: bool = True) -> Manifest:
                             f"{_remake_hint(root)}")
     try:
         classes = tuple(str(c) for c in d["classes"])
-        splits = {name: _parse_split(name, s, root, where) for name, s in d["splits"].items()}
         settings = dict(d.get("settings", {}))
+        source = settings.get("adopted", {}).get("source") if isinstance(settings.get("adopted"), dict) else None
+        tars = Path(source) if source else None  # an adopted data set's tars (tools/index_shards.py)
+        splits = {name: _parse_split(name, s, root, where, tars) for name, s in d["splits"].items()}
         label_ext = str(d.get("label_ext", "lbl"))
     except (KeyError, TypeError, AttributeError) as e:
         raise ManifestError(f"{where}: malformed ({e!r}); {_remake_hint(root)}") from e

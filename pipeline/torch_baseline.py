@@ -21,8 +21,11 @@ duplicates), and worker k builds batches k, k + workers, ..., which the DataLoad
 order. Samples are read from the tars by offset through their DALI index (the bytes DALI reads),
 so the split is exact by sample rather than by shard as webdataset's splitters would be.
 Augmentations are seeded per (seed, epoch, rank, batch), so the output does not depend on the
-number of workers. Epoch and resolution live in shared memory, so `set_epoch` and
-`set_resolution` reach persistent workers without restarting them.
+number of workers. Resume (`state_dict` / `load_state_dict`): the plan is a function of (seed, epoch),
+so a resumed epoch starts at its next batch by index, reading none of the skipped ones; after a change
+of ranks or batch size, common.epoch_plan splits the samples no rank had reached among the new ranks.
+Epoch, resolution and the resume point live in shared memory, so `set_epoch`, `set_resolution` and
+`load_state_dict` reach persistent workers without restarting them.
 """
 from __future__ import annotations
 

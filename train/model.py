@@ -164,7 +164,7 @@ def compile_model(model: nn.Module, shapes: int = 1, **kwargs) -> nn.Module:
     - progressive resizing: a new resolution is a new shape; `dynamic=False` gives each its own static graph
       (one compile per resolution, a handful per run), and the recompile limit (8 in torch 2.x) is raised to
       `shapes`, the number of distinct resolutions, so no resolution falls back to eager;
-    - evaluation: runs the uncompiled module (train.run passes it), so its partial batches compile nothing.
+    - evaluation: runs the uncompiled module (train.trainer passes it), so its partial batches compile nothing.
     tests/train/test_model.py counts the graphs."""
     import torch._dynamo.config as dynamo
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline import build_loader
+from pipeline.common import combine_states
 from train import dist
 from train.checkpoint import CheckpointDir, CheckpointError, StopFlag, find_resume, list_checkpoints, \
     load_checkpoint, rng_state
@@ -95,12 +96,12 @@ def restore(resumed: tuple[Path, dict], state: TrainState, train_loader, classes
     start_epoch, step = ckpt.epoch, ckpt.step
     into = step - start_epoch * int(ckpt.schedule.get("steps_per_epoch", 0))  # steps of the next epoch done
     if ckpt.version < 2:
-        if into > 0:
-            say.write(f"resume: {path.name} was written before checkpoints kept the loaders' state; it stopped "
-                      f"{into} steps into epoch {start_epoch + 1}, which restarts from its beginning (those "
-                      "batches are trained again)")
+        say.write(f"resume: {path.name} was written before checkpoints kept the loaders' state, so epoch "
+                  f"{start_epoch + 1} starts from its beginning with a fresh sample order"
+                  + (f" (the checkpoint was taken after {into} of its steps: those batches are trained again)"
+                     if into > 0 else ""))
     elif ckpt.loaders:
-        mine = ckpt.loaders[info.rank] if len(ckpt.loaders) == info.world_size else ckpt.loaders[0]
+        mine = combine_states(ckpt.loaders, info.world_size, info.rank)
         if int(mine.get("epoch", -1)) == start_epoch:  # else it ended the epoch before: nothing to continue
             note = train_loader.load_state_dict(mine)
             if note:

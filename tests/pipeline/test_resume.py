@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from pipeline.common import epoch_plan, num_batches, rank_batches
+from pipeline.common import combine_states, epoch_plan, num_batches, rank_batches
 from pipeline.config import DataConfig
 from train.dist import DistInfo
 
@@ -108,15 +108,37 @@ def test_another_kind_or_seed_restarts_the_epoch_with_a_reason(kind, synthetic_s
     assert len([b for b in reseeded]) == len(reseeded)
 
 
-def test_dali_refuses_another_world_mid_epoch(synthetic_shards):
-    cfg = _cfg(synthetic_shards)
-    first = _make("dali", cfg, rank=0, world=2)
-    first.set_epoch(0)
-    it = iter(first)
-    next(it)
-    second = _make("dali", cfg, rank=0, world=3)
-    note = second.load_state_dict(first.state_dict())
-    assert "restarts from its beginning" in note and "resumes mid-epoch only with the same" in note
+@pytest.mark.parametrize("kind", ["dali", "torch"])
+@pytest.mark.parametrize("before,after", [(2, 3), (3, 1)])
+def test_elastic_loaders_train_the_rest_of_the_epoch_once(kind, before, after, synthetic_shards):
+    """Ranks stopped after 2 batches of epoch 2; the states, combined as the trainer does, resumed on another
+    number of ranks: every sample of the epoch trained exactly once, equal batch counts, the next epoch whole."""
+    cfg = _cfg(synthetic_shards, batch_size=7)
+    trained, states = [], []
+    for r in range(before):
+        lo = _make(kind, cfg, rank=r, world=before)
+        _epochs(lo, 1)
+        lo.set_epoch(1)
+        it = iter(lo)
+        trained += [k for _, b in zip(range(2), it) for k in b[2]]
+        del it
+        states.append(lo.state_dict())
+    rest, counts, nxt = [], [], []
+    for r in range(after):
+        lo = _make(kind, cfg, rank=r, world=after)
+        assert f"continues on {after} rank(s)" in lo.load_state_dict(combine_states(states, after, r))
+        lo.set_epoch(1)
+        start, left = lo.position()
+        batches = list(lo)
+        assert len(batches) == left and start == len(lo) - left and all(len(b[1]) for b in batches)
+        counts.append(len(batches))
+        rest += [k for b in batches for k in b[2]]
+        lo.set_epoch(2)
+        nxt += [k for b in lo for k in b[2]]
+    assert len(set(counts)) == 1
+    seen = collections.Counter(trained + rest)
+    assert len(seen) == 96 and set(seen.values()) == {1}
+    assert sorted(nxt) == sorted(seen)
 
 
 @pytest.mark.parametrize("old,new,batch,new_batch", [(2, 3, 7, 7), (3, 1, 7, 7), (2, 2, 7, 5), (4, 3, 5, 8)])
@@ -138,31 +160,6 @@ def test_elastic_plan_covers_the_rest_of_the_epoch_once(old, new, batch, new_bat
         assert set(seen) == set(order) and set(seen.values()) == {1}
 
 
-def test_elastic_torch_loaders_two_ranks_to_three(synthetic_shards):
-    cfg = _cfg(synthetic_shards, batch_size=7)
-    trained = []
-    states = []
-    for r in range(2):
-        lo = _make("torch", cfg, rank=r, world=2)
-        lo.set_epoch(1)
-        it = iter(lo)
-        trained += [k for _, b in zip(range(3), it) for k in b[2]]
-        states.append(lo.state_dict())
-    rest, counts = [], []
-    for r in range(3):
-        lo = _make("torch", cfg, rank=r, world=3)
-        assert "continues on 3 rank(s)" in lo.load_state_dict(states[0])
-        lo.set_epoch(1)
-        start, left = lo.position()
-        batches = list(lo)
-        assert len(batches) == left and start == len(lo) - left
-        counts.append(len(batches))
-        rest += [k for b in batches for k in b[2]]
-    assert len(set(counts)) == 1
-    seen = collections.Counter(trained + rest)
-    assert len(seen) == 96 and set(seen.values()) == {1}
-
-
 def test_synthetic_loader_resumes_at_its_position():
     cfg = DataConfig(loader="synthetic", batch_size=8, resolution=16, synthetic_samples=44, synthetic_classes=3)
     lo = SyntheticLoader(cfg, "cpu", train=True)
@@ -172,3 +169,12 @@ def test_synthetic_loader_resumes_at_its_position():
     assert "continues at batch 3" in again.load_state_dict(lo.state_dict())
     assert again.position() == (2, 4) and [len(b[1]) for b in again] == [8, 8, 8, 4]
     assert [len(b[1]) for b in again] == [8] * 5 + [4]  # the next epoch is whole
+
+
+def test_elastic_rest_too_small_for_every_rank_repeats_a_few_rather_than_losing_them():
+    order = list(range(20))
+    trained = [0, 1, 2, 3, 4, 5, 6, 7, 8] + [10, 11, 12, 13, 14, 15, 16, 17, 18]  # 2 ranks, 1 batch of 9 each
+    rest = [epoch_plan(order, 3, r, 1, False, [(2, 9, 1)]) for r in range(3)]
+    assert [len(p) for p in rest] == [1, 1, 1]
+    seen = collections.Counter(trained + [i for p in rest for b in p for i in b])
+    assert set(seen) == set(order) and sum(seen.values()) - len(order) <= 2

@@ -4,6 +4,7 @@ same batches, epoch by epoch, as the uninterrupted run (labels and pixels), and 
 checkpoints written before loaders had a state resume at their epoch boundary with a message."""
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -127,7 +128,7 @@ def test_cli_stopped_by_a_signal_then_resume_auto_ends_with_the_uninterrupted_we
 
 def test_a_checkpoint_from_before_loader_states_resumes_at_its_epoch_boundary(tmp_path, capsys):
     cfg = load_config(None, {**SYNTH, "run.epochs": 2, "run.out": str(tmp_path / "run")})
-    train(cfg, stop=StopAfter(5))  # 4 steps per epoch: stops at step 2 of epoch 2
+    train(cfg, stop=StopAfter(5))  # 4 steps per epoch: stops after step 1 of epoch 2
     path = list_checkpoints(tmp_path / "run" / "checkpoints")[0]
     old = {k: v for k, v in load_checkpoint(path).items() if k not in ("loaders", "version", "mean", "std")}
     save_checkpoint(old, path)
@@ -135,7 +136,8 @@ def test_a_checkpoint_from_before_loader_states_resumes_at_its_epoch_boundary(tm
     summary = train(load_config(None, {**SYNTH, "run.epochs": 2, "run.out": str(tmp_path / "run"),
                                        "run.resume": "auto"}))
     said = capsys.readouterr().out
-    assert "written before checkpoints kept the loaders' state" in said and "epoch 2, which restarts" in said
+    assert "written before checkpoints kept the loaders' state, so epoch 2 starts from its beginning" in said
+    assert "taken after 1 of its steps" in said
     assert summary["final"] is not None and "Traceback" not in said
     assert load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[0])["step"] == 8
 
@@ -149,3 +151,30 @@ def test_weights_only_bundle_is_refused_as_a_resume_with_what_to_do(tmp_path):
     with pytest.raises(CheckpointError, match="weights only .*--pretrained"):
         train(load_config(None, {**SYNTH, "run.epochs": 2, "run.out": str(tmp_path / "again"),
                                  "run.resume": str(bundle)}))
+
+
+def test_resume_with_another_batch_size_trains_the_rest_of_the_epoch_and_continues_the_schedule(
+        tmp_path, synthetic_shards, monkeypatch, capsys):
+    """The elastic rule in one process (the batch size changes instead of the number of ranks): the interrupted
+    epoch's untrained samples, and only they, are trained after the resume, and the lr schedule goes on from
+    the share of the epoch already done (an lr-schedule position in the new steps, not a restart)."""
+    over = {**SYNTH, "data.loader": "torch", "data.path": str(synthetic_shards), "run.epochs": 2,
+            "optim.schedule": "linear", "run.out": str(tmp_path / "run")}
+    seen = _record(monkeypatch)
+    train(load_config(None, {**over, "data.batch_size": 8}), stop=StopAfter(16))  # 12 steps/epoch: epoch 2 step 4
+    state = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[0])
+    done = state["loaders"][0]["done"]
+    assert state["epoch"] == 1 and done == 4
+    capsys.readouterr()
+    train(load_config(None, {**over, "data.batch_size": 16, "run.resume": "auto"}))
+    said = capsys.readouterr().out
+    assert "epoch 2 continues on 1 rank(s) at batch size 16 (saved by 1 at 8)" in said
+    rest = seen[-1]
+    assert sum(len(labels) for labels, _ in seen[1]) + sum(len(labels) for labels, _ in rest) == 96
+    assert len(rest) == 4  # 64 samples left at 16: steps 3..6 of the new 6-step epoch
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    from train.schedule import lr_factor, peak_lr
+    optim = load_config(None, over).optim
+    # The last step is step 11 of 12 of the batch-16 schedule, as if the run had had that batch all along.
+    assert rows[-1]["epoch"] == 2 and rows[-1]["lr"] == pytest.approx(peak_lr(optim, 16) * lr_factor(11, optim, 6, 2))
+    assert load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[0])["step"] == 12
