@@ -580,6 +580,8 @@ def main(data_dir, folder, images, count, cache, arch, batch_size, resolution, w
                                hw_decoder_load, precision, seed, sets)
     except ConfigError as e:
         raise click.UsageError(str(e))
+    # The saved config says what ran: this process's torch threads (--threads or torch's), not imt-train's auto.
+    cfg = replace(cfg, run=replace(cfg.run, threads=torch.get_num_threads()))
     compile_ = dev.type == "cuda" if compile_ is None else compile_
     bench = Bench(loaders=tuple(loaders) or tuple(LOADERS), sections=tuple(dict.fromkeys(sections)) or SECTIONS,
                   modes=("eager", "compile") if compile_ else ("eager",),

@@ -37,7 +37,9 @@ def invoke(args):
     return r
 
 
-def test_tiny_run_all_cpu_loaders(imagenet_sample, cache, tmp_path):
+def test_tiny_run_all_cpu_loaders(imagenet_sample, cache, tmp_path, monkeypatch):
+    # 8 usable cores on paper: imt-train's auto threads would be 7, so the saved config must show --threads 1.
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     try:
         import nvidia.dali  # noqa: F401
         dali = True
@@ -87,6 +89,7 @@ def test_tiny_run_all_cpu_loaders(imagenet_sample, cache, tmp_path):
 
     cfg = from_dict(json.loads((out.parent / "cpu.config.json").read_text()))
     assert cfg.model.arch == "resnet18" and cfg.data.batch_size == 8 and cfg.precision.dtype != "auto"
+    assert cfg.run.threads == 1  # --threads 1, as ran (not imt-train's auto)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000
     assert "| eager | torch |" in r.output and "100% (ceiling)" in r.output and "100% (limit)" in r.output and "Profile (torch" in r.output

@@ -35,7 +35,7 @@ def invoke(args):
     return r
 
 
-@pytest.mark.slow  # about 2 minutes on the shared 2-core machine
+@pytest.mark.slow  # 1-2 minutes on the shared 2-core machine
 def test_tiny_model_is_input_bound_and_the_yaml_trains(imagenet_sample, synthetic_shards, tmp_path, monkeypatch):
     pytest.importorskip("nvidia.dali")
     monkeypatch.setattr("benchmarks.run.build_model", _tiny_model)
