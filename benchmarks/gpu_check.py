@@ -1,4 +1,4 @@
-"""One command that proves the GPU path: `python -m benchmarks.gpu_check` (or `imt-gpu-check`).
+"""One command that proves the GPU path: `python -m imt.benchmarks.gpu_check` (or `imt-gpu-check`).
 
 On a machine with a GPU it runs the checks below in priority order, each printing PASS/FAIL with its figure,
 within --budget seconds (default 450: the whole call, data set included, fits 8 minutes on one H100/H200
@@ -48,8 +48,8 @@ from typing import Callable
 import click
 import torch
 
-from benchmarks.common import BenchData, environment, prepare_data, stream, time_windows
-from benchmarks.shards import DEFAULT_SRC
+from imt.benchmarks.common import BenchData, environment, prepare_data, stream, time_windows
+from imt.benchmarks.shards import DEFAULT_SRC
 
 # Targets of the benchmarks issue (fractions of the synthetic ceiling; pipeline alone in img/s).
 TARGETS = {("resnet50", "eager"): 0.98, ("resnet50", "compile"): 0.97, ("resnet18", "compile"): 0.90}
@@ -102,7 +102,7 @@ class Ctx:
         return self._data
 
     def data_cfg(self, **kw):
-        from pipeline.config import DataConfig
+        from imt.pipeline.config import DataConfig
 
         s = self.sizes
         base = dict(path=str(self.data().shards), batch_size=s.batch, resolution=s.resolution,
@@ -111,7 +111,7 @@ class Ctx:
         return DataConfig(**{**base, **kw})
 
     def dist(self):
-        from train.dist import DistInfo
+        from imt.train.dist import DistInfo
 
         return DistInfo(device=self.device)
 
@@ -145,7 +145,7 @@ def environment_check(ctx: Ctx) -> tuple[bool, dict]:
             fig[name] = getattr(importlib.import_module(mod), "__version__", "imported")
         except Exception as e:  # noqa: BLE001 - recorded, judged below
             fig[name] = f"not importable: {type(e).__name__}: {e}"
-    from train.config import cuda_bf16_native, load_config, resolve
+    from imt.train.config import cuda_bf16_native, load_config, resolve
 
     fig["precision_auto"] = resolve(load_config(None, {"data.loader": "synthetic"}), ctx.device).precision.dtype
     ok = all(modules[m] for m in ("yaml", "PIL", "numpy")) and not str(fig["dali"]).startswith("not importable")
@@ -159,8 +159,8 @@ def environment_check(ctx: Ctx) -> tuple[bool, dict]:
 
 @check("dali_smoke")
 def dali_smoke(ctx: Ctx) -> tuple[bool, dict]:
-    from pipeline.common import torch_dtype
-    from pipeline.dali import DaliLoader
+    from imt.pipeline.common import torch_dtype
+    from imt.pipeline.dali import DaliLoader
 
     dist, fig, ok = ctx.dist(), {}, True
     modes = ("gpu", "cpu-decode", "cpu") if ctx.cuda else ("cpu",)
@@ -197,7 +197,7 @@ def dali_smoke(ctx: Ctx) -> tuple[bool, dict]:
 def _lifetime_run(ctx: Ctx, batches: int, spin_cycles: int) -> dict:
     """Copies of `batches` validation batches taken at once (reference), then taken behind a GPU delay
     after the loader has moved on; how many differ."""
-    from pipeline.dali import DaliLoader
+    from imt.pipeline.dali import DaliLoader
 
     # float16: the batch is DALI's output as it is (no cast), so under the dynamic executor the tensors handed
     # out are DALI's own buffers: the control is as sensitive as it can be.
@@ -223,7 +223,7 @@ def _lifetime_run(ctx: Ctx, batches: int, spin_cycles: int) -> dict:
 
 @check("buffer_lifetime", gpu_only=True)
 def buffer_lifetime(ctx: Ctx) -> tuple[bool, dict]:
-    from pipeline import dali
+    from imt.pipeline import dali
 
     spin = 20_000_000  # GPU clock cycles per batch: about 10 ms at 2 GHz
     ours = _lifetime_run(ctx, 8, spin)
@@ -252,14 +252,14 @@ def _count_syncs(fn: Callable[[], object]) -> int:
 
 @check("host_syncs", gpu_only=True)
 def host_syncs(ctx: Ctx) -> tuple[bool, dict]:
-    from benchmarks.run import loader_config
-    from pipeline import build_loader
-    from train.config import load_config, resolve
-    from train.ema import EMA
-    from train.evaluate import evaluate
-    from train.loop import train_step
-    from train.model import build_model, build_step_parts, prepare
-    from train.schedule import LRSchedule, peak_lr
+    from imt.benchmarks.run import loader_config
+    from imt.pipeline import build_loader
+    from imt.train.config import load_config, resolve
+    from imt.train.ema import EMA
+    from imt.train.evaluate import evaluate
+    from imt.train.loop import train_step
+    from imt.train.model import build_model, build_step_parts, prepare
+    from imt.train.schedule import LRSchedule, peak_lr
 
     fig, ok = {}, True
     data = ctx.data()
@@ -314,7 +314,7 @@ def host_syncs(ctx: Ctx) -> tuple[bool, dict]:
 
 @check("hw_decoder", gpu_only=True)
 def hw_decoder(ctx: Ctx) -> tuple[bool, dict]:
-    from pipeline import build_loader
+    from imt.pipeline import build_loader
 
     fig = {}
     for load in (0.0, 0.65, 1.0):
@@ -338,9 +338,9 @@ def hw_decoder(ctx: Ctx) -> tuple[bool, dict]:
 
 @check("end_to_end")
 def end_to_end(ctx: Ctx) -> tuple[bool, dict]:
-    from benchmarks.run import CEILING, Bench, Step, add_fractions, ceilings_of, measure, train_items
-    from pipeline.manifest import load_manifest
-    from train.config import load_config, resolve
+    from imt.benchmarks.run import CEILING, Bench, Step, add_fractions, ceilings_of, measure, train_items
+    from imt.pipeline.manifest import load_manifest
+    from imt.train.config import load_config, resolve
 
     s, data = ctx.sizes, ctx.data()
     num_classes = load_manifest(data.shards).num_classes
@@ -390,7 +390,7 @@ def end_to_end(ctx: Ctx) -> tuple[bool, dict]:
 def recompiles(ctx: Ctx) -> tuple[bool, dict]:
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from train.model import build_model, compile_model
+    from imt.train.model import build_model, compile_model
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("eager")  # dynamo's decisions are the same for every backend
@@ -425,7 +425,7 @@ def _rss_mb() -> float:
 def dali_memory(ctx: Ctx) -> tuple[bool, dict]:
     from nvidia.dali import backend
 
-    from pipeline.dali import DaliLoader
+    from imt.pipeline.dali import DaliLoader
 
     fig = {}
     for threads in (8, 16):
@@ -505,7 +505,7 @@ def main(images, data_path, count, cache, json_path, budget, only, device):
     if count:
         sizes = replace(sizes, count=count)
     ctx = Ctx(dev, sizes, Path(images), Path(data_path) if data_path else None, Path(cache), start + budget)
-    doc = {"command": "python -m benchmarks.gpu_check", "environment": environment(dev),
+    doc = {"command": "python -m imt.benchmarks.gpu_check", "environment": environment(dev),
            "settings": {**dataclasses.asdict(sizes), "budget_s": budget, "data": str(data_path or images)},
            "gpu_figures_measured": dev.type == "cuda"}
     json_path = Path(json_path)

@@ -16,5 +16,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .gpu/install_dali.sh
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python3 -m benchmarks.gpu_check --images .gpu/imagenet-sample --cache /tmp/imt-gpu-check \
+python3 -m imt.benchmarks.gpu_check --images .gpu/imagenet-sample --cache /tmp/imt-gpu-check \
     --json "${OUT:-.}/gpu_check.json" --budget "${BUDGET:-450}" "$@"

@@ -21,9 +21,9 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.common import load_split
-from pipeline.config import DataConfig
-from pipeline.torch_baseline import ShardSource, _worker_context
+from imt.pipeline.common import load_split
+from imt.pipeline.config import DataConfig
+from imt.pipeline.torch_baseline import ShardSource, _worker_context
 
 NAME = "decode-only"
 

@@ -2,7 +2,7 @@
 loader: "skip" draws and discards the batches already trained (what train/loop.py did before loaders had a
 state), "state" restores the loader's state_dict() (index into the epoch's plan; DALI's own checkpoint).
 
-    python -m benchmarks.resume --data work/shards20k --folder work/synthetic20k --at 0.1 --at 0.9
+    python -m imt.benchmarks.resume --data work/shards20k --folder work/synthetic20k --at 0.1 --at 0.9
 
 The states are made beforehand by a loader that really ran to that position (untimed). Each figure times:
 building the loader, load_state_dict (or nothing), set_epoch, and the first batch (after skipping, for skip).
@@ -16,9 +16,9 @@ from dataclasses import replace
 
 import click
 
-from pipeline import build_loader
-from pipeline.config import DataConfig
-from train.dist import single
+from imt.pipeline import build_loader
+from imt.pipeline.config import DataConfig
+from imt.train.dist import single
 
 EPOCH = 1  # resume inside the second epoch (DALI's stream has then gone through one reset)
 

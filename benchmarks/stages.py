@@ -1,6 +1,6 @@
 """Where a CPU input pipeline's time goes, per stage, against the decode-only limit.
 
-    python -m benchmarks.stages --data work/bench-data/imagenet-sample-2000/shards --resolution 224
+    python -m imt.benchmarks.stages --data work/bench-data/imagenet-sample-2000/shards --resolution 224
 
 CPU-seconds per image (all threads of this one process: os.times), which moves far less than wall-clock
 figures when other jobs share the cores, of each stage added in turn:
@@ -33,9 +33,9 @@ from pathlib import Path
 import click
 import torch
 
-from pipeline.common import MEAN, STD, load_split
-from pipeline.config import DataConfig
-from pipeline.torch_baseline import ShardSource, normalise, train_sample
+from imt.pipeline.common import MEAN, STD, load_split
+from imt.pipeline.config import DataConfig
+from imt.pipeline.torch_baseline import ShardSource, normalise, train_sample
 
 
 def cpu_seconds() -> float:
@@ -111,8 +111,8 @@ def dali_stages(sp, cfg: DataConfig, batches: int) -> dict:
 
 
 def dali_loader_ms(cfg: DataConfig, batches: int) -> float:
-    from pipeline.dali import DaliLoader
-    from train.dist import single
+    from imt.pipeline.dali import DaliLoader
+    from imt.train.dist import single
 
     loader = DaliLoader(cfg, "train", single(torch.device("cpu")), train=True)
     it = iter(loader)

@@ -2,7 +2,7 @@
 
     imt-tune --recipe resnet50_fast --data /data/imagenet-shards --budget-s 300 --out work/tune
     imt-train --recipe resnet50_fast --data /data/imagenet-shards --tune work/tune/tune.yaml ...
-    python -m benchmarks.tune --arch resnet18 --resolution 112 --batch-size 64     # replicated real JPEGs
+    python -m imt.benchmarks.tune --arch resnet18 --resolution 112 --batch-size 64     # replicated real JPEGs
 
 1. Diagnose, from three figures measured interleaved (benchmarks.run's machinery: pipeline.build_loader,
    train.loop.train_step): the ceiling (the training step fed synthetic tensors on the device), the loader
@@ -39,15 +39,15 @@ import click
 import torch
 import yaml
 
-from benchmarks.common import BenchData, environment, prepare_data
-from benchmarks.limit import NAME as LIMIT
-from benchmarks.limit import DecodeOnly
-from benchmarks.run import CPU_DEFAULTS, GPU_DEFAULTS, LOADERS, Bench, Item, Step, ceiling_config, loader_config, \
+from imt.benchmarks.common import BenchData, environment, prepare_data
+from imt.benchmarks.limit import NAME as LIMIT
+from imt.benchmarks.limit import DecodeOnly
+from imt.benchmarks.run import CPU_DEFAULTS, GPU_DEFAULTS, LOADERS, Bench, Item, Step, ceiling_config, loader_config, \
     measure, say, unavailable
-from benchmarks.shards import DEFAULT_SRC
-from pipeline.config import DataConfig
-from pipeline.manifest import ManifestError, load_manifest
-from train.config import Config, ConfigError, load_config, parse_override, resolve
+from imt.benchmarks.shards import DEFAULT_SRC
+from imt.pipeline.config import DataConfig
+from imt.pipeline.manifest import ManifestError, load_manifest
+from imt.train.config import Config, ConfigError, load_config, parse_override, resolve
 
 DIAG_NEAR = 0.9   # "reaches the ceiling": within 10% (run-to-run spread on a shared CPU is about that)
 CLOSE = 0.10      # candidates within 10% of the best median (window-to-window noise on a shared CPU), or whose
@@ -80,7 +80,7 @@ def classify(ceiling: dict, alone: dict, e2e: dict, data_wait: float, limit: dic
         else:
             kind, stage = "input-bound", "augmentation/transfer"
             what = ("The loader cannot feed the model and spends much of its time beyond decoding (crop, resize, "
-                    "normalisation, copies; `python -m benchmarks.stages` splits it): more workers/threads, a deeper "
+                    "normalisation, copies; `python -m imt.benchmarks.stages` splits it): more workers/threads, a deeper "
                     "prefetch, DALI instead of the DataLoader, decoding on the GPU; the search below tries these.")
         return {"kind": kind, "stage": stage, "paragraph": f"Input-bound ({stage}): {figs}. {what}"}
     else:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from .config import DataConfig
 
 if TYPE_CHECKING:
-    from train.dist import DistInfo
+    from imt.train.dist import DistInfo
 
     from .common import Loader
 

@@ -10,6 +10,6 @@ the forkserver. So each waited for the other. Armed here, the forkserver is kill
 trainer dies; the workers (armed in their worker_init_fn) then die with the forkserver, and the resource
 tracker leaves once nobody holds its pipe.
 """
-from pipeline.orphans import exit_with_parent
+from imt.pipeline.orphans import exit_with_parent
 
 exit_with_parent()

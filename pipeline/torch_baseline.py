@@ -280,7 +280,7 @@ def _worker_context():
     (without the preload every worker imported torch itself: the pipeline tests took 100 s instead of 30).
     It also imports _forkserver_preload, which makes it end when the trainer dies (kill -9 included)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torchvision", __name__, "pipeline._forkserver_preload"])
+    ctx.set_forkserver_preload(["torch", "torchvision", __name__, "imt.pipeline._forkserver_preload"])
     return ctx
 
 

@@ -1,7 +1,7 @@
 """Turns an ImageNet-style folder tree into shuffled WebDataset shards with DALI index files.
 
     python tools/make_shards.py --src DIR --out DIR [--split train --split val] [--workers 8]
-    python -m tools.make_shards ...            imt-make-shards ...
+    python -m imt.tools.make_shards ...            imt-make-shards ...
 
 Inputs (`--src` holds one folder per split; by default every split folder found is made):
 - class-per-folder splits, `<src>/<split>/<class>/**/<image>` (torchvision ImageFolder's layout;
@@ -88,10 +88,10 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
 # The shard format's names: one definition, which the loaders read (importing it loads no torch).
-from pipeline.manifest import (FORMAT, INDEX_VERSION, MANIFEST_NAME, PROGRESS_NAME, VERSION, shard_stem,
+from imt.pipeline.manifest import (FORMAT, INDEX_VERSION, MANIFEST_NAME, PROGRESS_NAME, VERSION, shard_stem,
                                shard_stem_pattern)
-from pipeline.orphans import exit_with_parent
-from train.cli import CONTEXT
+from imt.pipeline.orphans import exit_with_parent
+from imt.train.cli import CONTEXT
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
                         ".webp", ".ppm", ".pgm", ".pbm", ".pnm"})
@@ -1057,6 +1057,6 @@ def main(src, out, splits, workers, seed, shard_bytes, shard_samples, max_side, 
 
 
 if __name__ == "__main__":
-    from tools.make_shards import main as _main  # workers pickle functions of the package module
+    from imt.tools.make_shards import main as _main  # workers pickle functions of the package module
 
     _main()

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.augment import check as augment_problems
-from pipeline.config import DataConfig
+from imt.pipeline.augment import check as augment_problems
+from imt.pipeline.config import DataConfig
 
 RECIPES = importlib.resources.files("imt.recipes")  # recipes/*.yaml: package data of the wheel, or the checkout's
 SCHEDULES = ("cosine", "step", "linear")
@@ -252,7 +252,7 @@ def _check(ok: bool, msg: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    from pipeline import LOADERS
+    from imt.pipeline import LOADERS
 
     d, m, o, p, r = cfg.data, cfg.model, cfg.optim, cfg.precision, cfg.run
     _check(d.loader in LOADERS, f"data.loader={d.loader!r}: expected one of {', '.join(LOADERS)}")
@@ -311,7 +311,7 @@ def validate(cfg: Config) -> None:
     _check(m.arch in known, f"model.arch={m.arch!r} is not a torchvision classification model; e.g. "
                             f"resnet18, resnet50, vgg16_bn, densenet121, inception_v3 (all: {len(known)} in "
                             "torchvision.models.list_models(module=torchvision.models))")
-    from train.model import fixed_input_size
+    from imt.train.model import fixed_input_size
     if fixed := fixed_input_size(m.arch):
         ramp = {r.start_res, r.end_res or d.resolution} if r.start_res else set()
         used = sorted({d.resolution, d.val_resolution} | ramp)

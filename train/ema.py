@@ -30,7 +30,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay={decay}: expected in (0, 1)")
-        from train.model import unwrap
+        from imt.train.model import unwrap
 
         self.decay = decay
         self.module = copy.deepcopy(unwrap(model)).requires_grad_(False)
@@ -40,7 +40,7 @@ class EMA:
 
     def _pair(self, model: nn.Module) -> None:
         """Match this EMA's tensors to `model`'s once (same order: the EMA is a deep copy of it)."""
-        from train.model import unwrap
+        from imt.train.model import unwrap
 
         source = unwrap(model)
         mine = [*self.module.parameters(), *self.module.buffers()]
@@ -56,7 +56,7 @@ class EMA:
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
         """ema = decay * ema + (1 - decay) * model, for parameters and float buffers; other buffers copied."""
-        from train.model import unwrap
+        from imt.train.model import unwrap
 
         if unwrap(model) is not self._source:  # paired once; DDP and torch.compile wrap the same tensors
             self._pair(model)

@@ -141,7 +141,7 @@ def build_step_parts(cfg, model: nn.Module, device: torch.device, heads: tuple[s
     optim.backbone_lr_mult), and one precision code path: `autocast` enabled for bf16/fp16, a GradScaler
     that is a no-op unless fp16 (bf16 has fp32's exponent range). `cfg` is a resolved train.config.Config.
     The trainer and the benchmarks both build their step here, so they measure the same thing."""
-    from pipeline.common import torch_dtype
+    from imt.pipeline.common import torch_dtype
 
     o, dtype = cfg.optim, cfg.precision.dtype
     optimizer = build_optimizer(o, param_groups(model, o.weight_decay, no_bn_bias_decay=o.no_bn_bias_decay,

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from train.checkpoint import describe
-from train.cli import CONTEXT
+from imt.train.checkpoint import describe
+from imt.train.cli import CONTEXT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
@@ -37,12 +37,12 @@ class Predictor:
         dev = torch.device(device)
         graph = path / "model.pt2"
         if graph.is_file():  # an export folder with its graph: no model code needed
-            from train.state import Checkpoint
+            from imt.train.state import Checkpoint
             raw = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
             bundle = Checkpoint.from_dict(raw, path / "model.pt").meta()
             model = torch.export.load(graph).module()
         else:  # a checkpoint, or an export folder's model.pt: rebuilt with this project's model code
-            from train.export import load_checkpoint_model
+            from imt.train.export import load_checkpoint_model
             model, bundle = load_checkpoint_model(path / "model.pt" if path.is_dir() else path)
         res = int(bundle.get("resolution") or 224)
         ratio = float(bundle.get("resize_ratio") or 0.875)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 
-from pipeline.config import DataConfig
-from pipeline.manifest import ManifestError, load_manifest
-from train import dist
+from imt.pipeline.config import DataConfig
+from imt.pipeline.manifest import ManifestError, load_manifest
+from imt.train import dist
 
 SPLITS = ("train", "val")
 
@@ -26,7 +26,7 @@ def verify_data(data: DataConfig, info: dist.DistInfo, say=print) -> float | Non
         return None
     problems, seconds = None, None
     if info.local_rank == 0:
-        from tools.verify_shards import verify_shards  # its one definition of what a good shard is
+        from imt.tools.verify_shards import verify_shards  # its one definition of what a good shard is
 
         t0 = time.perf_counter()
         problems = verify_shards(data.path, splits=SPLITS, decode=False, progress=info.is_main)

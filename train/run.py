@@ -2,16 +2,16 @@
 
 One process:
     python train/run.py --recipe synthetic_quick --data work/shards --out runs/quick
-    python -m train.run --recipe resnet50_fast --data /data/imagenet-shards --out runs/r50
+    python -m imt.train.run --recipe resnet50_fast --data /data/imagenet-shards --out runs/r50
     imt-train --recipe resnet18_16ep --data ... --set optim.lr=0.6 --set run.tta_flip=true
 
 One node, 8 GPUs:
-    torchrun --nproc_per_node 8 -m train.run --recipe resnet50_imagenet --data /data/shards --out runs/r50
+    torchrun --nproc_per_node 8 -m imt.train.run --recipe resnet50_imagenet --data /data/shards --out runs/r50
 
 Two nodes, 8 GPUs each (run the same command on both; `host` is a node every node can reach, e.g. node 0;
 --out must be on a shared file system for --resume auto, and only global rank 0 writes to it):
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint host:29500 \\
-        --rdzv_id r50-run1 -m train.run --recipe resnet50_imagenet --data /data/shards --out /shared/runs/r50
+        --rdzv_id r50-run1 -m imt.train.run --recipe resnet50_imagenet --data /data/shards --out /shared/runs/r50
 
 --batch-size is per GPU; the learning rate scales with the global batch (optim.lr is per 256 images).
 SIGTERM/SIGINT (preemption) saves a checkpoint at the next step boundary (under torchrun the ranks agree
@@ -28,12 +28,12 @@ if __package__ in (None, ""):  # run as a script (`python train/run.py`): import
 
 import click
 
-from pipeline import LOADERS
-from train.checkpoint import CheckpointError
-from train.cli import CONTEXT, recipe_default
-from train.config import ConfigError, load_config, parse_override
-from train.loop import NonFiniteLoss
-from train.trainer import seed_everything, train  # noqa: F401 - the API scripts and benchmarks import from here
+from imt.pipeline import LOADERS
+from imt.train.checkpoint import CheckpointError
+from imt.train.cli import CONTEXT, recipe_default
+from imt.train.config import ConfigError, load_config, parse_override
+from imt.train.loop import NonFiniteLoss
+from imt.train.trainer import seed_everything, train  # noqa: F401 - the API scripts and benchmarks import from here
 
 
 def print_summary(summary: dict) -> None:

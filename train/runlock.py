@@ -23,8 +23,8 @@ import os
 import socket
 from pathlib import Path
 
-from train import dist
-from train.config import ConfigError
+from imt.train import dist
+from imt.train.config import ConfigError
 
 LOCK_NAME = "run.lock"
 

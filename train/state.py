@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from pipeline.common import MEAN, STD
-from train.checkpoint import CheckpointError, check_compatible, describe, set_rng_state
+from imt.pipeline.common import MEAN, STD
+from imt.train.checkpoint import CheckpointError, check_compatible, describe, set_rng_state
 
 VERSION = 2
 

@@ -13,21 +13,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import build_loader
-from pipeline.common import combine_states
-from train import dist
-from train.checkpoint import CheckpointDir, CheckpointError, StopFlag, find_resume, list_checkpoints, \
+from imt.pipeline import build_loader
+from imt.pipeline.common import combine_states
+from imt.train import dist
+from imt.train.checkpoint import CheckpointDir, CheckpointError, StopFlag, find_resume, list_checkpoints, \
     load_checkpoint, rng_state
-from train.config import Config, ConfigError, resolve
-from train.evaluate import EvalResult, evaluate, save_report
-from train.loop import NonFiniteLoss, train_one_epoch
-from train.mix import build_mix
-from train.model import build_model, build_step_parts, compile_model, prepare, unwrap
-from train.monitor import MetricsLog, Progress, data_wait_note
-from train.preflight import verify_data
-from train.runlock import locked_run
-from train.schedule import LRSchedule, describe_schedule, fit_schedule, peak_lr, resolution_at
-from train.state import Checkpoint, TrainState
+from imt.train.config import Config, ConfigError, resolve
+from imt.train.evaluate import EvalResult, evaluate, save_report
+from imt.train.loop import NonFiniteLoss, train_one_epoch
+from imt.train.mix import build_mix
+from imt.train.model import build_model, build_step_parts, compile_model, prepare, unwrap
+from imt.train.monitor import MetricsLog, Progress, data_wait_note
+from imt.train.preflight import verify_data
+from imt.train.runlock import locked_run
+from imt.train.schedule import LRSchedule, describe_schedule, fit_schedule, peak_lr, resolution_at
+from imt.train.state import Checkpoint, TrainState
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -159,13 +159,13 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         raise ConfigError(f"{out} already holds checkpoints of a run ({newest} ...): continue it with "
                           "--resume auto, or start this one in a new --out")
     if run.resume:  # a fine-tuning run resumed without --pretrained: its checkpoint says how it was set up
-        from train.transfer import finetune_of_checkpoint
+        from imt.train.transfer import finetune_of_checkpoint
         cfg = replace(cfg, model=finetune_of_checkpoint(cfg.model, resumed[1] if resumed else None))
 
     model = build_model(cfg.model.arch, len(classes), zero_init_residual=cfg.model.zero_init_residual)
     heads: list[str] = []
     if cfg.model.pretrained:
-        from train.transfer import setup_finetune
+        from imt.train.transfer import setup_finetune
         heads = setup_finetune(model, cfg, classes, say.write, load=resumed is None)
     elif cfg.optim.backbone_lr_mult != 1.0:  # e.g. --recipe finetune with --pretrained forgotten
         say.write(f"note: no --pretrained weights, so this run trains from scratch and optim.backbone_lr_mult="
@@ -180,7 +180,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
     dtype = cfg.precision.dtype
     ema = None
     if o.ema_decay:
-        from train.ema import EMA
+        from imt.train.ema import EMA
         ema = EMA(model, o.ema_decay)
     state = TrainState(model, optimizer, scaler, schedule, ema, say=say.write)
 

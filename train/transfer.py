@@ -28,8 +28,8 @@ import torch
 import torchvision
 from torch import nn
 
-from train.checkpoint import CheckpointError, read_tensors, refuse_nonfinite, verify_sidecar
-from train.state import Checkpoint
+from imt.train.checkpoint import CheckpointError, read_tensors, refuse_nonfinite, verify_sidecar
+from imt.train.state import Checkpoint
 
 # Prefixes that wrappers add to parameter names: DDP and EMA wrappers ("module.") and torch.compile
 # ("_orig_mod."). A LightningModule's attribute name ("model.", "net.", ...) is found by `_submodule`.

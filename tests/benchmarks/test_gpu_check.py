@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 pytest.importorskip("nvidia.dali")
-from benchmarks.gpu_check import CHECKS, main  # noqa: E402
+from imt.benchmarks.gpu_check import CHECKS, main  # noqa: E402
 
 
 def test_cpu_run_passes_and_lists_the_checks_it_skipped(synthetic_shards, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from benchmarks.resume import main
+from imt.benchmarks.resume import main
 
 
 def test_resume_benchmark_smoke(synthetic_shards):

@@ -9,9 +9,9 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from benchmarks.tune import classify, main
-from train.config import load_config
-from train.run import train
+from imt.benchmarks.tune import classify, main
+from imt.train.config import load_config
+from imt.train.run import train
 
 SMALL = ["--count", "64", "--resolution", "32", "--batch-size", "8", "--set", "data.workers=1", "--warmup", "1",
          "--batches", "2", "--threads", "1", "--device", "cpu"]
@@ -38,7 +38,7 @@ def invoke(args):
 @pytest.mark.slow  # 1-2 minutes on the shared 2-core machine
 def test_tiny_model_is_input_bound_and_the_yaml_trains(imagenet_sample, synthetic_shards, tmp_path, monkeypatch):
     pytest.importorskip("nvidia.dali")
-    monkeypatch.setattr("benchmarks.run.build_model", _tiny_model)
+    monkeypatch.setattr("imt.benchmarks.run.build_model", _tiny_model)
     out = tmp_path / "tune"
     r = invoke(["--images", str(imagenet_sample), "--cache", str(tmp_path / "cache"), *SMALL, "--loader", "dali",
                 "--budget-s", "90", "--out", str(out)])

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.augment import check
-from pipeline.common import MEAN, STD
-from pipeline.config import DataConfig
-from train.dist import DistInfo
+from imt.pipeline.augment import check
+from imt.pipeline.common import MEAN, STD
+from imt.pipeline.config import DataConfig
+from imt.train.dist import DistInfo
 
 pytest.importorskip("nvidia.dali")
-from pipeline.dali import DaliLoader  # noqa: E402
-from pipeline.torch_baseline import ShardLoader  # noqa: E402
+from imt.pipeline.dali import DaliLoader  # noqa: E402
+from imt.pipeline.torch_baseline import ShardLoader  # noqa: E402
 
 # DALI's auto_aug calls deprecated aliases of its own operators
 pytestmark = pytest.mark.filterwarnings("ignore:This operator was moved out from the experimental phase")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import DataConfig
-from train.dist import DistInfo
+from imt.pipeline.config import DataConfig
+from imt.train.dist import DistInfo
 
 pytest.importorskip("nvidia.dali")
-from pipeline import dali  # noqa: E402
+from imt.pipeline import dali  # noqa: E402
 
 GPU = DistInfo(device=torch.device("cuda", 0))
 
@@ -66,7 +66,7 @@ def test_gpu_modes_refuse_a_cpu_training_device(mode):
 
 def _operators(shards, train: bool, decode: str, augment_gpu: bool) -> dict[str, str]:
     """Operator class -> device of the traced graph (tracing needs no GPU; building it would)."""
-    from pipeline.common import load_split
+    from imt.pipeline.common import load_split
 
     _, split = load_split(shards, "train" if train else "val")
     cfg = DataConfig(path=str(shards), batch_size=4, resolution=32, val_resolution=32)

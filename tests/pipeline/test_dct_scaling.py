@@ -9,8 +9,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.config import DataConfig
-from pipeline.torch_baseline import dct_scale, train_sample
+from imt.pipeline.config import DataConfig
+from imt.pipeline.torch_baseline import dct_scale, train_sample
 
 
 class Files:

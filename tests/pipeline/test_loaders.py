@@ -14,15 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import build_loader
-from pipeline.common import MEAN, STD, num_batches, rank_batches
-from pipeline.config import DataConfig
-from pipeline.manifest import ManifestError
-from train.dist import DistInfo
+from imt.pipeline import build_loader
+from imt.pipeline.common import MEAN, STD, num_batches, rank_batches
+from imt.pipeline.config import DataConfig
+from imt.pipeline.manifest import ManifestError
+from imt.train.dist import DistInfo
 
 dali = pytest.importorskip("nvidia.dali")
-from pipeline.dali import DaliLoader  # noqa: E402
-from pipeline.torch_baseline import FolderLoader, ShardLoader  # noqa: E402
+from imt.pipeline.dali import DaliLoader  # noqa: E402
+from imt.pipeline.torch_baseline import FolderLoader, ShardLoader  # noqa: E402
 
 CPU = DistInfo()
 
@@ -178,7 +178,7 @@ def test_validation_dali_matches_torchvision(synthetic_shards):
 def gradient_shards(tmp_path_factory):
     """JPEGs whose red channel encodes x and green encodes y, so a crop's source window and a
     flip can be read back from the output pixels."""
-    from tools.make_shards import make_shards
+    from imt.tools.make_shards import make_shards
 
     src = tmp_path_factory.mktemp("gradient")
     w, h = 400, 300
@@ -273,7 +273,7 @@ def test_index_entry_off_a_member_boundary_is_refused_before_dali_sees_it(kind, 
 def test_dali_names_an_undecodable_sample_of_its_first_batches(shard_copy):
     """DALI decodes the first batches while the iterator is built: an error there used to escape as DALI's
     raw `nvImageCodec failure` (or libjpeg's message on the CPU), naming no sample."""
-    from pipeline.manifest import read_index
+    from imt.pipeline.manifest import read_index
 
     offset, size, name = read_index(shard_copy / "val-000000.idx").sample(0)["jpg"]
     with open(shard_copy / "val-000000.tar", "r+b") as f:
@@ -319,7 +319,7 @@ def test_undecodable_sample_names_shard_and_key(kind, shard_copy):
 def test_label_outside_the_classes_names_shard_and_key(kind, shard_copy):
     """An edited .lbl (200 with 8 classes) used to end in cross_entropy's `IndexError: Target 200 is out of
     bounds`, naming no sample; the loader stops first and names the shard and the key."""
-    from pipeline.manifest import read_index
+    from imt.pipeline.manifest import read_index
 
     offset, _, name = read_index(shard_copy / "train-000001.idx").sample(5)["lbl"]
     with open(shard_copy / "train-000001.tar", "r+b") as f:
@@ -335,7 +335,7 @@ def test_validation_exif_rotated_matches_torchvision(tmp_path):
     """EXIF orientation is ignored by both loaders (as ImageFolder/PIL does), so the centre-crop
     geometry must come from the stored, unrotated width and height. Orientations 5-8 swap the two
     when honoured; a shape read with rotation but decoded without it squashes the image."""
-    from tools.make_shards import make_shards
+    from imt.tools.make_shards import make_shards
 
     from tests.tools._shards import _orientation, _photo, jpeg
 
@@ -357,7 +357,7 @@ def test_dali_errors_that_are_not_bad_files_are_not_searched(monkeypatch):
     out-of-memory error says what to lower at once, and other errors pass through unchanged."""
     from types import SimpleNamespace
 
-    from pipeline import dali
+    from imt.pipeline import dali
 
     monkeypatch.setattr(dali, "find_undecodable", lambda *a, **k: pytest.fail("searched the shards"))
     fake = SimpleNamespace(rank=1, cfg=_cfg("x"))
@@ -421,7 +421,7 @@ def test_folder_loader_refuses_a_shard_folder_and_the_cli_says_so(synthetic_shar
     """`--loader folder` on a shard folder used to end in a FileNotFoundError traceback."""
     from click.testing import CliRunner
 
-    from train.run import main
+    from imt.train.run import main
 
     with pytest.raises(ManifestError, match="holds shards \\(manifest.json\\), not an ImageFolder tree.*--loader dali"):
         _make("folder", _cfg(synthetic_shards))

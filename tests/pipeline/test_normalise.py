@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.common import MEAN, STD, normalise
+from imt.pipeline.common import MEAN, STD, normalise
 
 
 def test_normalise_values_layout_and_dtype():

@@ -9,14 +9,14 @@ import random
 import pytest
 import torch
 
-from pipeline.common import combine_states, epoch_plan, num_batches, rank_batches
-from pipeline.config import DataConfig
-from train.dist import DistInfo
+from imt.pipeline.common import combine_states, epoch_plan, num_batches, rank_batches
+from imt.pipeline.config import DataConfig
+from imt.train.dist import DistInfo
 
 dali = pytest.importorskip("nvidia.dali")
-from pipeline.dali import DaliLoader  # noqa: E402
-from pipeline.synthetic import SyntheticLoader  # noqa: E402
-from pipeline.torch_baseline import FolderLoader, ShardLoader  # noqa: E402
+from imt.pipeline.dali import DaliLoader  # noqa: E402
+from imt.pipeline.synthetic import SyntheticLoader  # noqa: E402
+from imt.pipeline.torch_baseline import FolderLoader, ShardLoader  # noqa: E402
 
 
 def _cfg(path, **kw) -> DataConfig:
@@ -184,9 +184,9 @@ def test_dali_records_the_trained_samples_of_an_adopted_data_set_by_index(tmp_pa
     """Adopted WebDataset tars keep their maker's keys (not <split>_<index>): the trained samples are found in
     the index files by name, so an elastic resume over them knows what is left."""
     pytest.importorskip("webdataset")
-    from pipeline.manifest import load_manifest, read_index
+    from imt.pipeline.manifest import load_manifest, read_index
     from tests.tools.test_index_shards import wds_shards  # noqa: F401 - the fixture's maker
-    from tools.index_shards import index_shards
+    from imt.tools.index_shards import index_shards
 
     root = wds_shards.__wrapped__(synthetic_root, tmp_path)[0]
     index_shards(root, progress=False)

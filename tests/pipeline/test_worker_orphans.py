@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 def test_workers_and_forkserver_end_with_a_killed_trainer(synthetic_shards):
     trainer = f"""
 import sys, time
-from pipeline.config import DataConfig
-from pipeline.torch_baseline import ShardLoader
-from train.dist import DistInfo
+from imt.pipeline.config import DataConfig
+from imt.pipeline.torch_baseline import ShardLoader
+from imt.train.dist import DistInfo
 if __name__ == "__main__":
     cfg = DataConfig(path={str(synthetic_shards)!r}, batch_size=8, resolution=32, val_resolution=32, workers=2,
                      dtype="float32")

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pipeline.manifest as pm
-from tools import make_shards as ms
-from tools.make_shards import ShardError, SimulatedInterrupt, make_shards
+import imt.pipeline.manifest as pm
+from imt.tools import make_shards as ms
+from imt.tools.make_shards import ShardError, SimulatedInterrupt, make_shards
 
 from .._procs import HAS_PROC, children as _children, running as _running
 from ._shards import dali_read, files_of, link_tree, manifest, odd_files, read_tar, write_tree
@@ -309,7 +309,7 @@ def _jpegs(synthetic_root: Path, n: int) -> list[bytes]:
 
 
 def _labels_match_folders(out: Path) -> None:
-    from tools.verify_shards import verify_shards
+    from imt.tools.verify_shards import verify_shards
 
     m = pm.load_manifest(out)
     for name in m.splits:
@@ -363,7 +363,7 @@ def test_fifos_broken_symlinks_and_odd_names_do_not_stop_the_run(synthetic_root,
     with open(os.fsencode(c0) + b"/caf\xe9.jpg", "wb") as f:  # Latin-1 name, not UTF-8
         f.write(a)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "tools.make_shards", "--src", str(src), "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "imt.tools.make_shards", "--src", str(src), "--out", str(out),
                         "--workers", "2", "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr

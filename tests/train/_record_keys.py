@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import train.trainer as trainer  # noqa: E402
-from pipeline import dali, torch_baseline  # noqa: E402
+import imt.train.trainer as trainer  # noqa: E402
+from imt.pipeline import dali, torch_baseline  # noqa: E402
 
 
 class _KeyedShardLoader(torch_baseline.ShardLoader):
@@ -56,5 +56,5 @@ if __name__ == "__main__":
     torch_baseline.ShardLoader = _KeyedShardLoader
     dali.DaliLoader = _KeyedDaliLoader
     trainer.train_one_epoch = _recording(trainer.train_one_epoch)
-    from train.run import main
+    from imt.train.run import main
     main()

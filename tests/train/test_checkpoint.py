@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.checkpoint import (CheckpointDir, CheckpointError, StopFlag, check_compatible, find_resume,
+from imt.train.checkpoint import (CheckpointDir, CheckpointError, StopFlag, check_compatible, find_resume,
                               list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 
 
@@ -134,10 +134,10 @@ def test_stop_flag_handler():
 def test_resume_auto_under_ddp_loads_rank0s_choice(tmp_path, monkeypatch):
     """Rank 0 picks the checkpoint and the others load that file; a rank that cannot see it (--out not
     shared between nodes) says so, and rank 0's 'nothing usable' reaches every rank instead of a hang."""
-    from train import dist
-    from train.checkpoint import save_checkpoint
-    from train.dist import DistInfo
-    from train.trainer import agree_on_resume
+    from imt.train import dist
+    from imt.train.checkpoint import save_checkpoint
+    from imt.train.dist import DistInfo
+    from imt.train.trainer import agree_on_resume
 
     rank1 = DistInfo(rank=1, world_size=2)
     ckpt = save_checkpoint({"model": {}, "arch": "resnet18", "step": 7}, tmp_path / "epoch0001-step00000007.pt")
@@ -176,7 +176,7 @@ def test_empty_checkpoint_is_skipped_by_auto_and_refused_by_name(tmp_path):
 def test_empty_or_nonfinite_pretrained_is_refused(tmp_path):
     import torchvision
 
-    from train.transfer import PretrainedError, load_pretrained
+    from imt.train.transfer import PretrainedError, load_pretrained
 
     zero = tmp_path / "zero.pt"
     zero.write_bytes(b"")
@@ -207,7 +207,7 @@ def test_disk_full_while_saving_keeps_the_previous_and_removes_the_partial(tmp_p
     import errno
     import io
 
-    from train import checkpoint
+    from imt.train import checkpoint
 
     ck = CheckpointDir(tmp_path, keep_last=1, is_main=True)
     ck.save(_state(4), epoch=1, step=4, best=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import Config, ConfigError, from_dict, load_config, parse_override, recipe_names, resolve
+from imt.train.config import Config, ConfigError, from_dict, load_config, parse_override, recipe_names, resolve
 
 
 @pytest.mark.parametrize("name", recipe_names())
@@ -151,7 +151,7 @@ def test_threads_resolve_to_cores_left_by_the_loader(monkeypatch):
 
 
 def test_data_wait_note_names_imt_tune():
-    from train.monitor import data_wait_note
+    from imt.train.monitor import data_wait_note
 
     assert data_wait_note(0.05, "/data/shards") is None
     note = data_wait_note(0.4, "/data/shards")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpoint import list_checkpoints, load_checkpoint
+from imt.train.checkpoint import list_checkpoints, load_checkpoint
 
 from .test_ddp import _free_port
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from train.ema import EMA
+from imt.train.ema import EMA
 
 
 def _model():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.model import build_model, loss_function, param_groups, prepare, unwrap, zero_init_last_bn
+from imt.train.model import build_model, loss_function, param_groups, prepare, unwrap, zero_init_last_bn
 
 
 def test_resnet_zero_init_and_channels_last():
@@ -51,8 +51,8 @@ def test_frozen_parameters_are_left_out():
 @pytest.mark.parametrize("device,fused", [("cpu", None), ("cuda", True)])
 def test_sgd_is_fused_on_cuda_only(monkeypatch, device, fused):
     """On CUDA the fused SGD takes GradScaler's found_inf on the device (no .item() per fp16 step)."""
-    from train.config import load_config, resolve
-    from train.model import build_step_parts
+    from imt.train.config import load_config, resolve
+    from imt.train.model import build_step_parts
 
     made = {}
 
@@ -73,7 +73,7 @@ def test_compiled_training_makes_one_static_graph_per_resolution():
     and run every later shape through that graph)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from train.model import compile_model
+    from imt.train.model import compile_model
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("eager")
@@ -92,7 +92,7 @@ def test_compiled_training_makes_one_static_graph_per_resolution():
 
 
 def test_compiled_training_drops_the_partial_last_batch():
-    from train.config import load_config, resolve
+    from imt.train.config import load_config, resolve
 
     cfg = load_config(None, {"data.loader": "synthetic", "model.compile": True, "precision.dtype": "float32"})
     assert cfg.data.drop_last is False and resolve(cfg, torch.device("cpu")).data.drop_last is True

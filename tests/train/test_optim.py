@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from train.config import OptimConfig
-from train.loop import train_one_epoch, train_step
-from train.mix import build_mix
-from train.model import build_optimizer, param_groups
-from train.schedule import LRSchedule
+from imt.train.config import OptimConfig
+from imt.train.loop import train_one_epoch, train_step
+from imt.train.mix import build_mix
+from imt.train.model import build_optimizer, param_groups
+from imt.train.schedule import LRSchedule
 
 CONSTANT = OptimConfig(warmup_epochs=0, schedule="step", milestones=())  # lr factor 1 throughout
 

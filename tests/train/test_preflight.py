@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 
-from pipeline.config import DataConfig
-from pipeline.manifest import ManifestError
-from train.config import ConfigError, load_config
-from train.dist import DistInfo
-from train.preflight import verify_data
+from imt.pipeline.config import DataConfig
+from imt.pipeline.manifest import ManifestError
+from imt.train.config import ConfigError, load_config
+from imt.train.dist import DistInfo
+from imt.train.preflight import verify_data
 
 
 def test_verify_prints_its_cost_and_is_off_by_default(synthetic_shards):
@@ -23,7 +23,7 @@ def test_verify_prints_its_cost_and_is_off_by_default(synthetic_shards):
 
 def test_a_tampered_shard_stops_the_run_before_training(synthetic_shards, tmp_path):
     from tests.train.test_run import TINY
-    from train.run import train
+    from imt.train.run import train
 
     shards = tmp_path / "shards"
     shutil.copytree(synthetic_shards, shards)
@@ -39,7 +39,7 @@ def test_a_tampered_shard_stops_the_run_before_training(synthetic_shards, tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists()
     from click.testing import CliRunner
 
-    from train.run import main
+    from imt.train.run import main
     r = CliRunner().invoke(main, ["--data", str(shards), "--loader", "torch", "--verify", "--out",
                                   str(tmp_path / "run"), "--device", "cpu", "--arch", "resnet18"])
     assert r.exit_code == 1 and "sha256 differs" in r.output and "Traceback" not in r.output, r.output

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-import train.trainer as trainer_mod
-from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from train.config import load_config
-from train.trainer import train
+import imt.train.trainer as trainer_mod
+from imt.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from imt.train.config import load_config
+from imt.train.trainer import train
 
 from .test_run import SYNTH, StopAfter, _assert_same, _params
 
@@ -75,7 +75,7 @@ def test_stop_anywhere_and_resume_trains_the_same_batches(tmp_path, loader, requ
 
 
 def _cli(out: Path, shards: Path) -> list[str]:
-    return [sys.executable, "-m", "train.run", "--loader", "torch", "--data", str(shards), "--arch", "resnet18",
+    return [sys.executable, "-m", "imt.train.run", "--loader", "torch", "--data", str(shards), "--arch", "resnet18",
             "--epochs", "2", "--batch-size", "16", "--resolution", "32", "--out", str(out), "--device", "cpu",
             "--workers", "1", "--set", "run.log_every=1", "--set", "run.tensorboard=false", "--set",
             "run.deterministic=true", "--set", "data.dtype=float32", "--set", "optim.warmup_epochs=0",
@@ -143,7 +143,7 @@ def test_a_checkpoint_from_before_loader_states_resumes_at_its_epoch_boundary(tm
 
 
 def test_weights_only_bundle_is_refused_as_a_resume_with_what_to_do(tmp_path):
-    from train.checkpoint import CheckpointError
+    from imt.train.checkpoint import CheckpointError
     train(load_config(None, {**SYNTH, "run.epochs": 1, "run.out": str(tmp_path / "run")}))
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     bundle = tmp_path / "bundle.pt"
@@ -173,7 +173,7 @@ def test_resume_with_another_batch_size_trains_the_rest_of_the_epoch_and_continu
     assert sum(len(labels) for labels, _ in seen[1]) + sum(len(labels) for labels, _ in rest) == 96
     assert len(rest) == 4  # 64 samples left at 16: steps 3..6 of the new 6-step epoch
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    from train.schedule import lr_factor, peak_lr
+    from imt.train.schedule import lr_factor, peak_lr
     optim = load_config(None, over).optim
     # The last step is step 11 of 12 of the batch-16 schedule, as if the run had had that batch all along.
     assert rows[-1]["epoch"] == 2 and rows[-1]["lr"] == pytest.approx(peak_lr(optim, 16) * lr_factor(11, optim, 6, 2))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from train.runlock import LOCK_NAME, RunLock, RunLockedError
+from imt.train.runlock import LOCK_NAME, RunLock, RunLockedError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,8 +74,8 @@ def test_stale_lock_held_by_an_orphaned_child_is_taken_over(tmp_path):
 
 
 def test_train_refuses_a_busy_out(tmp_path):
-    from train.config import load_config
-    from train.run import train
+    from imt.train.config import load_config
+    from imt.train.run import train
     from tests.train.test_run import SYNTH
 
     out = tmp_path / "run"
