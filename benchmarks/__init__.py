@@ -1,9 +1,9 @@
 """Throughput measurements; every one imports the real code (tools, pipeline, train) and prints figures.
 
-- `python -m benchmarks.run` (`imt-bench`): images/sec per loader, pipeline only and feeding
+- `python -m imt.benchmarks.run` (`imt-bench`): images/sec per loader, pipeline only and feeding
   train.loop.train_step, against the model-bound ceiling; sweeps; JSON, Markdown, PNG, profile.
-- `python -m benchmarks.shards`: tools.make_shards throughput.
-- `python -m benchmarks.learning`: ResNet-18 from scratch on Imagenette (does the trainer learn?).
-- `python -m benchmarks.transfer`: pretrain on 5 Imagenette classes, fine-tune on the other 5 vs scratch.
+- `python -m imt.benchmarks.shards`: tools.make_shards throughput.
+- `python -m imt.benchmarks.learning`: ResNet-18 from scratch on Imagenette (does the trainer learn?).
+- `python -m imt.benchmarks.transfer`: pretrain on 5 Imagenette classes, fine-tune on the other 5 vs scratch.
 Figures, with date, machine and command, go to benchmarks/RESULTS.md.
 """

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from benchmarks.shards import DEFAULT_SRC, REPO, replicate
+from imt.benchmarks.shards import DEFAULT_SRC, REPO, replicate
 
 DATA_STAMP = "bench-data.json"  # what a cached data set was made from; reused only when it matches
 
@@ -49,7 +49,7 @@ def prepare_data(images: Path, count: int, cache: Path, *, workers: int, log: Ca
     by symlinks to `count` files in a class-per-folder tree, sharded with tools.make_shards. Both live
     in `cache/<name>-<count>/` and are reused when the stamp (source listing, count, seed) matches, so
     a 30,000-sample GPU data set is made once. The tree is kept: it is the "folder" loader's input."""
-    from tools.make_shards import make_shards
+    from imt.tools.make_shards import make_shards
 
     images = Path(images).resolve()
     files = sorted(images.glob("*.JPEG"))
@@ -80,7 +80,7 @@ def dataset_stats(shards: Path, split: str = "train", max_headers: int = 1000) -
     headers of the first `max_headers` samples in index order: decode cost scales with pixels)."""
     from PIL import Image
 
-    from pipeline.manifest import load_manifest
+    from imt.pipeline.manifest import load_manifest
 
     m = load_manifest(shards)
     sp = m.split(split)

@@ -2,8 +2,8 @@
 on the CPU, in a few minutes; prints the validation top-1 per epoch and a Markdown block for RESULTS.md.
 Exits with status 1 when the final top-1 is not above --min-top1.
 
-    python -m benchmarks.learning                      # ../shared/data/imagenette-224, folder loader
-    python -m benchmarks.learning --loader dali --data work/imagenette-shards --epochs 6
+    python -m imt.benchmarks.learning                      # ../shared/data/imagenette-224, folder loader
+    python -m imt.benchmarks.learning --loader dali --data work/imagenette-shards --epochs 6
 
 It runs the real trainer (train.run.train with a config built from the options), nothing copied.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 import click
 import torch
 
-from train.cli import CONTEXT
-from train.config import load_config
-from train.run import train
+from imt.train.cli import CONTEXT
+from imt.train.config import load_config
+from imt.train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette-224"
@@ -66,7 +66,7 @@ def main(data, loader, arch, resolution, epochs, batch_size, lr, workers, thread
     """Train from scratch on Imagenette and check that validation top-1 beats chance."""
     s = run(data, loader, arch, resolution, epochs, batch_size, lr, workers, threads, out)
     final = s["final"]["val_top1"]
-    cmd = "python -m benchmarks.learning " + " ".join(sys.argv[1:])
+    cmd = "python -m imt.benchmarks.learning " + " ".join(sys.argv[1:])
     rows = "\n".join(f"| {r['epoch']} | {r['train_loss']:.3f} | {r['val_top1']:.1f} | {r['val_top5']:.1f} | "
                      f"{r['images_per_sec']:.0f} | {100 * r['data_wait_fraction']:.0f}% | {r['epoch_time']:.0f} |"
                      for r in s["rows"])

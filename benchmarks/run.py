@@ -1,19 +1,19 @@
 """Images/sec of every input pipeline, alone and feeding the real training step, against the model-bound
 ceiling, in one process run.
 
-    python -m benchmarks.run                                   # CPU-sized defaults (a few minutes on 2 cores)
+    python -m imt.benchmarks.run                                   # CPU-sized defaults (a few minutes on 2 cores)
     imt-bench --json benchmarks/results/run.json --plot benchmarks/results/run.png
-    python -m benchmarks.run --only pipelines                  # pipeline-only figures
-    python -m benchmarks.run --sweep workers=1,2 --sweep batch_size=32,64 [--sweep-train]
-    python -m benchmarks.run --data /data/imagenet-shards --folder /data/imagenet   # your own data
+    python -m imt.benchmarks.run --only pipelines                  # pipeline-only figures
+    python -m imt.benchmarks.run --sweep workers=1,2 --sweep batch_size=32,64 [--sweep-train]
+    python -m imt.benchmarks.run --data /data/imagenet-shards --folder /data/imagenet   # your own data
 
 On the GPU machine (H100, 16 CPU cores), the figures the product is judged by:
 
-    python -m benchmarks.run --count 30000 --arch resnet50 --batch-size 256 --resolution 224 --workers 16 \\
+    python -m imt.benchmarks.run --count 30000 --arch resnet50 --batch-size 256 --resolution 224 --workers 16 \\
         --compile --json benchmarks/results/h100-r50.json --plot benchmarks/results/h100-r50.png --profile
-    python -m benchmarks.run --count 30000 --arch resnet18 --batch-size 256 --resolution 224 --workers 16 \\
+    python -m imt.benchmarks.run --count 30000 --arch resnet18 --batch-size 256 --resolution 224 --workers 16 \\
         --compile --json benchmarks/results/h100-r18.json --plot benchmarks/results/h100-r18.png --profile
-    python -m benchmarks.run --count 30000 --only pipelines --loader dali-mixed \\
+    python -m imt.benchmarks.run --count 30000 --only pipelines --loader dali-mixed \\
         --sweep hw_decoder_load=0,0.3,0.65,0.9 --sweep workers=4,8,12,16 --sweep prefetch=2,3,4
 
 Targets there (real ImageNet JPEGs, 224 px, batch 256): ResNet-50 fed by DALI (dali-mixed) at >= 98% of its
@@ -62,17 +62,17 @@ from pathlib import Path
 import click
 import torch
 
-from benchmarks.common import (BenchData, dataset_stats, environment, prepare_data, stream, summarise, sync,
+from imt.benchmarks.common import (BenchData, dataset_stats, environment, prepare_data, stream, summarise, sync,
                                time_windows)
-from benchmarks.shards import DEFAULT_SRC
-from pipeline import build_loader
-from pipeline.config import DataConfig
-from train.cli import CONTEXT
-from train.config import Config, ConfigError, load_config, parse_override, resolve
-from train.dist import single
-from train.loop import train_step
-from train.model import build_model, build_step_parts, prepare
-from train.run import seed_everything
+from imt.benchmarks.shards import DEFAULT_SRC
+from imt.pipeline import build_loader
+from imt.pipeline.config import DataConfig
+from imt.train.cli import CONTEXT
+from imt.train.config import Config, ConfigError, load_config, parse_override, resolve
+from imt.train.dist import single
+from imt.train.loop import train_step
+from imt.train.model import build_model, build_step_parts, prepare
+from imt.train.run import seed_everything
 
 # Benchmark loader name -> DataConfig fields.
 LOADERS: dict[str, dict] = {
@@ -95,7 +95,7 @@ SECTIONS = ("pipelines", "train")
 
 @dataclass(frozen=True)
 class Defaults:
-    """What a bare `python -m benchmarks.run` uses on each kind of machine."""
+    """What a bare `python -m imt.benchmarks.run` uses on each kind of machine."""
     arch: str
     batch_size: int
     resolution: int
@@ -534,7 +534,7 @@ def main(data_dir, folder, images, count, cache, arch, batch_size, resolution, w
          precision, device, loaders, sections, compile_, warmup, repeats, batches, interleave, threads, sweeps, sweep_train, sets,
          profile, profile_steps, trace, seed, json_path, plot_path):
     """Images/sec of each loader (pipeline only and feeding the training step) against the model-bound ceiling."""
-    from benchmarks.report import markdown, plot
+    from imt.benchmarks.report import markdown, plot
 
     if threads:
         torch.set_num_threads(threads)
@@ -566,7 +566,7 @@ def main(data_dir, folder, images, count, cache, arch, batch_size, resolution, w
                   sweep_train=sweep_train,
                   profile=(default_profile_loader(dev) if profile == "auto" else profile),
                   profile_steps=profile_steps, interleave=interleave)
-    from pipeline.manifest import ManifestError
+    from imt.pipeline.manifest import ManifestError
     try:
         result = run(cfg, bench, data, dev, trace)
     except ManifestError as e:

@@ -1,6 +1,6 @@
 """Shard-making throughput on real ImageNet JPEGs (tools/make_shards.make_shards, end to end).
 
-    python -m benchmarks.shards --count 10000 --workers 1 --workers 2 [--profile]
+    python -m imt.benchmarks.shards --count 10000 --workers 1 --workers 2 [--profile]
 
 Replicates ../shared/data/imagenet-sample (400 files, one per class) by symlinks into a
 class-per-folder tree of --count files in a temp folder, then times make_shards (list, verify +
@@ -26,8 +26,8 @@ from pathlib import Path
 import click
 from PIL import Image
 
-from tools.make_shards import Convert, check_image, make_shards
-from train.cli import CONTEXT
+from imt.tools.make_shards import Convert, check_image, make_shards
+from imt.train.cli import CONTEXT
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SRC = Path(os.environ.get("IMT_SHARED_DATA", REPO.parent / "shared" / "data")) / "imagenet-sample"

@@ -2,9 +2,9 @@
 labeled subset, against training from scratch on that subset at the same budget (same recipe, epochs,
 batch, images seen; only the initial weights differ). Runs the real trainer and recipes/finetune.yaml.
 
-    python -m benchmarks.transfer                   # ../shared/data/imagenette-224, ResNet-18, 64 px, CPU
-    python -m benchmarks.transfer --per-class 50 --seed 0 --pretrain-epochs 10 --finetune-epochs 30
-    python -m benchmarks.transfer --pretrained work/transfer/runs/pretrain/checkpoints/best.pt  # skip pretraining
+    python -m imt.benchmarks.transfer                   # ../shared/data/imagenette-224, ResNet-18, 64 px, CPU
+    python -m imt.benchmarks.transfer --per-class 50 --seed 0 --pretrain-epochs 10 --finetune-epochs 30
+    python -m imt.benchmarks.transfer --pretrained work/transfer/runs/pretrain/checkpoints/best.pt  # skip pretraining
 
 Classes are Imagenette's sorted wnids: the first five (tench, English springer, cassette player, chain saw,
 church) for pretraining, the last five (French horn, garbage truck, gas pump, golf ball, parachute) for the
@@ -30,9 +30,9 @@ from pathlib import Path
 import click
 import torch
 
-from train.cli import CONTEXT
-from train.config import load_config
-from train.run import train
+from imt.train.cli import CONTEXT
+from imt.train.config import load_config
+from imt.train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette-224"
@@ -135,7 +135,7 @@ def main(data, work, arch, resolution, per_class, seeds, pretrain_epochs, pretra
                             {**base, **over, **({"model.pretrained": weights} if loads else {})})
                 results.setdefault((n, name), []).append(r)
 
-    cmd = "python -m benchmarks.transfer " + " ".join(sys.argv[1:])
+    cmd = "python -m imt.benchmarks.transfer " + " ".join(sys.argv[1:])
     rows, verdicts, ok = [], [], True
     for n in per_class:
         for name, _, _ in RUNS:

@@ -14,7 +14,7 @@ from .common import Loader
 from .config import DataConfig
 
 if TYPE_CHECKING:
-    from train.dist import DistInfo
+    from imt.train.dist import DistInfo
 
 LOADERS = ("dali", "torch", "folder", "synthetic")
 

@@ -74,12 +74,12 @@ class Manifest:
             raise ManifestError(
                 f"{self.root / MANIFEST_NAME}: no split {name!r}; available: "
                 f"{', '.join(sorted(self.splits)) or '(none)'}. Make it with "
-                f"`python -m tools.make_shards --src <data> --out {self.root} --split {name}`.")
+                f"`python -m imt.tools.make_shards --src <data> --out {self.root} --split {name}`.")
         return self.splits[name]
 
 
 def _remake_hint(root: Path) -> str:
-    return f"re-run `python -m tools.make_shards --src <data> --out {root}` (add --overwrite to rebuild)"
+    return f"re-run `python -m imt.tools.make_shards --src <data> --out {root}` (add --overwrite to rebuild)"
 
 
 def read_index_count(path: Path) -> int:
@@ -148,7 +148,7 @@ def load_manifest(root: str | Path, *, check_files: bool = True) -> Manifest:
             hint = (f" (the .tar files there were not made by imt-make-shards: index them where they are, "
                     f"without rewriting them, with `imt-index-shards {root}`)")
         raise ManifestError(f"{where} not found{hint}. Make shards with "
-                            f"`python -m tools.make_shards --src <data> --out {root}`.")
+                            f"`python -m imt.tools.make_shards --src <data> --out {root}`.")
     try:
         d = json.loads(where.read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/env.sh
 PY=.venv/bin/python
-$PY -m tools.make_synthetic --out work/synthetic
-$PY -m tools.make_shards --src work/synthetic --out work/shards --workers 2
-$PY -m train.run --recipe synthetic_quick --data work/shards --out "runs/demo-$(date +%Y%m%d-%H%M%S)" "$@"
+$PY -m imt.tools.make_synthetic --out work/synthetic
+$PY -m imt.tools.make_shards --src work/synthetic --out work/shards --workers 2
+$PY -m imt.train.run --recipe synthetic_quick --data work/shards --out "runs/demo-$(date +%Y%m%d-%H%M%S)" "$@"

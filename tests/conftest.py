@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A small copy of the embedded dataset: 8 classes, 12 train + 4 val images each."""
-    from tools.make_synthetic import make_synthetic
+    from imt.tools.make_synthetic import make_synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
     make_synthetic(root, train_per_class=12, val_per_class=4, seed=0)
@@ -36,7 +36,7 @@ def synthetic_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_shards(synthetic_root, tmp_path_factory) -> Path:
     """Shards of `synthetic_root` (train: 96 samples over several shards; val: 32)."""
-    from tools.make_shards import make_shards
+    from imt.tools.make_shards import make_shards
 
     out = tmp_path_factory.mktemp("shards")
     make_shards(synthetic_root, out, shard_samples=40, workers=1, seed=0, progress=False)

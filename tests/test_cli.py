@@ -30,7 +30,7 @@ def test_every_entry_point_has_short_help_with_defaults(name, target):
 
 
 def test_train_help_shows_what_each_option_defaults_to():
-    from train.run import main
+    from imt.train.run import main
 
     out = CliRunner().invoke(main, ["--help"], terminal_width=200).output
     assert "[default: (recipe, else 90)]" in out  # --epochs: run.epochs of train/config.py

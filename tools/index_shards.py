@@ -5,7 +5,7 @@ trains on, without rewriting a byte of them.
     imt-index-shards DIR                                   # splits from the tar names, labels from .cls
     imt-index-shards DIR --split train='imagenet1k-train-*.tar' --split val='imagenet1k-validation-*.tar'
     imt-index-shards DIR --label json:label --classes classes.txt --workers 8
-    python -m tools.index_shards ...
+    python -m imt.tools.index_shards ...
 
 Every tar is read once: its members are grouped into samples, every image is fully decoded (as
 tools/make_shards.py checks its inputs; `--no-decode` skips that), and beside the tars (or in --out) go:
@@ -51,9 +51,9 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from tools.make_shards import (FORMAT, MANIFEST_NAME, VERSION, BadImage, Convert, ShardError, _atomic_write, _imap,
+from imt.tools.make_shards import (FORMAT, MANIFEST_NAME, VERSION, BadImage, Convert, ShardError, _atomic_write, _imap,
                                check_image, index_text, summary)
-from train.cli import CONTEXT
+from imt.train.cli import CONTEXT
 
 INDEX_SUFFIX = ".imt.idx"
 LABEL_EXT = "lblsize"  # pipeline/manifest.py LABEL_EXTS: label = the component's byte count - 1
@@ -313,6 +313,6 @@ def main(root, splits, label, classes_file, out, decode, workers, progress):
 
 
 if __name__ == "__main__":
-    from tools.index_shards import main as _main  # workers pickle functions of the package module
+    from imt.tools.index_shards import main as _main  # workers pickle functions of the package module
 
     _main()

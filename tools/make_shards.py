@@ -1,7 +1,7 @@
 """Turns an ImageNet-style folder tree into shuffled WebDataset shards with DALI index files.
 
     python tools/make_shards.py --src DIR --out DIR [--split train --split val] [--workers 8]
-    python -m tools.make_shards ...            imt-make-shards ...
+    python -m imt.tools.make_shards ...            imt-make-shards ...
 
 Inputs (`--src` holds one folder per split; by default every split folder found is made):
 - class-per-folder splits, `<src>/<split>/<class>/**/<image>` (torchvision ImageFolder's layout;
@@ -77,7 +77,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
-from train.cli import CONTEXT
+from imt.train.cli import CONTEXT
 
 # The shard format's names, as pipeline/manifest.py reads them (tests/tools check they agree). Not
 # imported from there: `pipeline/__init__` imports torch (2.2 s), paid again by every spawned worker.
@@ -811,6 +811,6 @@ def main(src, out, splits, workers, seed, shard_bytes, shard_samples, max_side, 
 
 
 if __name__ == "__main__":
-    from tools.make_shards import main as _main  # workers pickle functions of the package module
+    from imt.tools.make_shards import main as _main  # workers pickle functions of the package module
 
     _main()

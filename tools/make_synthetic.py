@@ -6,7 +6,7 @@ positions and counts on random backgrounds, so a ResNet must learn shape and tex
 than a single colour. Sizes follow ImageNet's (mostly 500x375 / 375x500, some others), JPEG
 quality 90. The output is a pure function of (seed, counts): the same call writes the same bytes.
 
-    python -m tools.make_synthetic --out work/synthetic
+    python -m imt.tools.make_synthetic --out work/synthetic
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 from PIL import Image, ImageDraw, ImageFilter
 
-from train.cli import CONTEXT
+from imt.train.cli import CONTEXT
 
 # Class names sort in this order, so labels (sorted names, as ImageFolder assigns them) are 0..N-1.
 CLASSES = (

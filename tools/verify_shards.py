@@ -1,6 +1,6 @@
 """Re-reads every shard and index file against manifest.json and decodes every image.
 
-    python -m tools.verify_shards work/shards        imt-verify-shards work/shards [--split val]
+    python -m imt.tools.verify_shards work/shards        imt-verify-shards work/shards [--split val]
 
 Checks, per shard: the tar's sha256 and sample count; members are regular files, grouped as
 `<split>_<NNNNNNNN>` + .jpg/.cls/.lbl/.path in that order, keys dot-free and numbered 0..N-1
@@ -24,9 +24,9 @@ import click
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.manifest import Manifest, ManifestError, Shard, load_manifest, read_index, read_index_count
-from train.cli import CONTEXT
-from tools.make_shards import _jpeg_sof
+from imt.pipeline.manifest import Manifest, ManifestError, Shard, load_manifest, read_index, read_index_count
+from imt.train.cli import CONTEXT
+from imt.tools.make_shards import _jpeg_sof
 
 COMPONENTS = ("jpg", "cls", "lbl", "path")
 
@@ -159,12 +159,12 @@ def main(root, splits, decode, progress):
         click.echo(p, err=True)
     if problems:
         click.echo(f"{len(problems)} problem(s) in {root}; remake with "
-                   f"`python -m tools.make_shards --src <data> --out {root} --overwrite`", err=True)
+                   f"`python -m imt.tools.make_shards --src <data> --out {root} --overwrite`", err=True)
         sys.exit(1)
     click.echo(f"{root}: all shards match the manifest")
 
 
 if __name__ == "__main__":
-    from tools.verify_shards import main as _main
+    from imt.tools.verify_shards import main as _main
 
     _main()

@@ -7,7 +7,7 @@ CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 def recipe_default(key: str) -> str:
     """For `show_default` of an imt-train option that overrides config key `section.key`: its value comes
     from the recipe, else from the dataclass default in train/config.py, which this shows."""
-    from train.config import SECTIONS
+    from imt.train.config import SECTIONS
 
     section, name = key.split(".", 1)
     value = SECTIONS[section].__dataclass_fields__[name].default

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import DataConfig
+from imt.pipeline.config import DataConfig
 
 RECIPES = importlib.resources.files("imt.recipes")  # recipes/*.yaml: package data of the wheel, or the checkout's
 SCHEDULES = ("cosine", "step", "linear")
@@ -230,7 +230,7 @@ def _check(ok: bool, msg: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    from pipeline import LOADERS
+    from imt.pipeline import LOADERS
 
     d, m, o, p, r = cfg.data, cfg.model, cfg.optim, cfg.precision, cfg.run
     _check(d.loader in LOADERS, f"data.loader={d.loader!r}: expected one of {', '.join(LOADERS)}")

@@ -25,9 +25,9 @@ import click
 import torch
 from torch import nn
 
-from pipeline.common import MEAN, STD
-from train.cli import CONTEXT
-from train.transfer import PretrainedError, read_state
+from imt.pipeline.common import MEAN, STD
+from imt.train.cli import CONTEXT
+from imt.train.transfer import PretrainedError, read_state
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -81,7 +81,7 @@ def export_model(model: nn.Module, arch: str, classes: list[str], out: str | Pat
 def load_checkpoint_model(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, dict]:
     """Rebuild the model of a checkpoint or export bundle (read once, weights_only, sha256-checked) and return
     it with its metadata (arch, classes, and resolution, resize_ratio, config, mean, std where saved)."""
-    from train.model import build_model  # lazy: exporting a live model needs no model registry
+    from imt.train.model import build_model  # lazy: exporting a live model needs no model registry
 
     state, meta = read_state(path, ema=use_ema)
     if "arch" not in meta or "classes" not in meta:

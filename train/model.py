@@ -108,7 +108,7 @@ def build_step_parts(cfg, model: nn.Module, device: torch.device, heads: tuple[s
     optim.backbone_lr_mult), and one precision code path: `autocast` enabled for bf16/fp16, a GradScaler
     that is a no-op unless fp16 (bf16 has fp32's exponent range). `cfg` is a resolved train.config.Config.
     The trainer and the benchmarks both build their step here, so they measure the same thing."""
-    from pipeline.common import torch_dtype
+    from imt.pipeline.common import torch_dtype
 
     o, dtype = cfg.optim, cfg.precision.dtype
     optimizer = torch.optim.SGD(

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from train.cli import CONTEXT
+from imt.train.cli import CONTEXT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
@@ -39,7 +39,7 @@ class Predictor:
             bundle = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
             model = torch.export.load(graph).module()
         else:  # a checkpoint, or an export folder's model.pt: rebuilt with this project's model code
-            from train.export import load_checkpoint_model
+            from imt.train.export import load_checkpoint_model
             model, bundle = load_checkpoint_model(path / "model.pt" if path.is_dir() else path)
         res = int(bundle.get("resolution") or 224)
         ratio = float(bundle.get("resize_ratio") or 0.875)

@@ -2,16 +2,16 @@
 
 One process:
     python train/run.py --recipe synthetic_quick --data work/shards --out runs/quick
-    python -m train.run --recipe resnet50_fast --data /data/imagenet-shards --out runs/r50
+    python -m imt.train.run --recipe resnet50_fast --data /data/imagenet-shards --out runs/r50
     imt-train --recipe resnet18_16ep --data ... --set optim.lr=0.6 --set run.tta_flip=true
 
 One node, 8 GPUs:
-    torchrun --nproc_per_node 8 -m train.run --recipe resnet50_imagenet --data /data/shards --out runs/r50
+    torchrun --nproc_per_node 8 -m imt.train.run --recipe resnet50_imagenet --data /data/shards --out runs/r50
 
 Two nodes, 8 GPUs each (run the same command on both; `host` is a node every node can reach, e.g. node 0;
 --out must be on a shared file system for --resume auto, and only global rank 0 writes to it):
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint host:29500 \\
-        --rdzv_id r50-run1 -m train.run --recipe resnet50_imagenet --data /data/shards --out /shared/runs/r50
+        --rdzv_id r50-run1 -m imt.train.run --recipe resnet50_imagenet --data /data/shards --out /shared/runs/r50
 
 --batch-size is per GPU; the learning rate scales with the global batch (optim.lr is per 256 images).
 SIGTERM/SIGINT (preemption) saves a checkpoint at the next step boundary (under torchrun the ranks agree
@@ -35,17 +35,17 @@ import click
 import numpy as np
 import torch
 
-from pipeline import LOADERS, build_loader
-from train import dist
-from train.checkpoint import (CheckpointDir, CheckpointError, StopFlag, check_compatible, find_resume,
+from imt.pipeline import LOADERS, build_loader
+from imt.train import dist
+from imt.train.checkpoint import (CheckpointDir, CheckpointError, StopFlag, check_compatible, find_resume,
                               list_checkpoints, load_checkpoint, rng_state, set_rng_state)
-from train.cli import CONTEXT, recipe_default
-from train.config import Config, ConfigError, load_config, parse_override, resolve
-from train.evaluate import EvalResult, evaluate, save_report
-from train.loop import NonFiniteLoss, train_one_epoch
-from train.model import build_model, build_step_parts, prepare, unwrap
-from train.monitor import MetricsLog, Progress
-from train.schedule import LRSchedule, peak_lr, resolution_at
+from imt.train.cli import CONTEXT, recipe_default
+from imt.train.config import Config, ConfigError, load_config, parse_override, resolve
+from imt.train.evaluate import EvalResult, evaluate, save_report
+from imt.train.loop import NonFiniteLoss, train_one_epoch
+from imt.train.model import build_model, build_step_parts, prepare, unwrap
+from imt.train.monitor import MetricsLog, Progress
+from imt.train.schedule import LRSchedule, peak_lr, resolution_at
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -187,13 +187,13 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         raise ConfigError(f"{out} already holds checkpoints of a run ({newest} ...): continue it with "
                           "--resume auto, or start this one in a new --out")
     if run.resume:
-        from train.transfer import finetune_of_checkpoint
+        from imt.train.transfer import finetune_of_checkpoint
         cfg = replace(cfg, model=finetune_of_checkpoint(cfg.model, resumed[1] if resumed else None))
 
     model = build_model(cfg.model.arch, len(classes), zero_init_residual=cfg.model.zero_init_residual)
     heads: list[str] = []
     if cfg.model.pretrained:
-        from train.transfer import setup_finetune
+        from imt.train.transfer import setup_finetune
         heads = setup_finetune(model, cfg, classes, say.write, load=resumed is None)
     elif cfg.optim.backbone_lr_mult != 1.0:  # e.g. --recipe finetune with --pretrained forgotten
         say.write(f"note: no --pretrained weights, so this run trains from scratch and optim.backbone_lr_mult="

@@ -28,7 +28,7 @@ import torch
 import torchvision
 from torch import nn
 
-from train.checkpoint import CheckpointError, verify_sidecar
+from imt.train.checkpoint import CheckpointError, verify_sidecar
 
 # Prefixes that wrappers add to parameter names: DDP and EMA wrappers ("module.") and torch.compile
 # ("_orig_mod."). A LightningModule's attribute name ("model.", "net.", ...) is found by `_submodule`.

@@ -10,10 +10,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from benchmarks.common import Windows, summarise, time_windows
-from benchmarks.run import Bench, Item, main, measure, parse_sweep
-from pipeline.config import DataConfig
-from train.config import from_dict
+from imt.benchmarks.common import Windows, summarise, time_windows
+from imt.benchmarks.run import Bench, Item, main, measure, parse_sweep
+from imt.pipeline.config import DataConfig
+from imt.train.config import from_dict
 
 TINY = ["--count", "64", "--arch", "resnet18", "--resolution", "32", "--batch-size", "8", "--workers", "1",
         "--warmup", "1", "--repeats", "1", "--batches", "2", "--threads", "1"]

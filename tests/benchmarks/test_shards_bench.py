@@ -5,7 +5,7 @@ import json
 
 from click.testing import CliRunner
 
-from benchmarks.shards import main
+from imt.benchmarks.shards import main
 
 
 def test_shards_benchmark_smoke(imagenet_sample, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from benchmarks.transfer import RUNS, main
+from imt.benchmarks.transfer import RUNS, main
 from tests.train.conftest import one_thread  # noqa: F401 - autouse: one intra-op thread, as the trainer tests
 
 

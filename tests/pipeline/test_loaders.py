@@ -14,15 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import build_loader
-from pipeline.common import MEAN, STD, num_batches, rank_batches
-from pipeline.config import DataConfig
-from pipeline.manifest import ManifestError
-from train.dist import DistInfo
+from imt.pipeline import build_loader
+from imt.pipeline.common import MEAN, STD, num_batches, rank_batches
+from imt.pipeline.config import DataConfig
+from imt.pipeline.manifest import ManifestError
+from imt.train.dist import DistInfo
 
 dali = pytest.importorskip("nvidia.dali")
-from pipeline.dali import DaliLoader  # noqa: E402
-from pipeline.torch_baseline import FolderLoader, ShardLoader  # noqa: E402
+from imt.pipeline.dali import DaliLoader  # noqa: E402
+from imt.pipeline.torch_baseline import FolderLoader, ShardLoader  # noqa: E402
 
 CPU = DistInfo()
 
@@ -178,7 +178,7 @@ def test_validation_dali_matches_torchvision(synthetic_shards):
 def gradient_shards(tmp_path_factory):
     """JPEGs whose red channel encodes x and green encodes y, so a crop's source window and a
     flip can be read back from the output pixels."""
-    from tools.make_shards import make_shards
+    from imt.tools.make_shards import make_shards
 
     src = tmp_path_factory.mktemp("gradient")
     w, h = 400, 300
@@ -288,7 +288,7 @@ def test_validation_exif_rotated_matches_torchvision(tmp_path):
     """EXIF orientation is ignored by both loaders (as ImageFolder/PIL does), so the centre-crop
     geometry must come from the stored, unrotated width and height. Orientations 5-8 swap the two
     when honoured; a shape read with rotation but decoded without it squashes the image."""
-    from tools.make_shards import make_shards
+    from imt.tools.make_shards import make_shards
 
     from tests.tools._shards import _orientation, _photo, jpeg
 
@@ -310,7 +310,7 @@ def test_dali_errors_that_are_not_bad_files_are_not_searched(monkeypatch):
     out-of-memory error says what to lower at once, and other errors pass through unchanged."""
     from types import SimpleNamespace
 
-    from pipeline import dali
+    from imt.pipeline import dali
 
     monkeypatch.setattr(dali, "find_undecodable", lambda *a, **k: pytest.fail("searched the shards"))
     fake = SimpleNamespace(rank=1, cfg=_cfg("x"))

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from pipeline.manifest import ManifestError, load_manifest
+from imt.pipeline.manifest import ManifestError, load_manifest
 
 
 def test_loads_shards_as_absolute_paths(synthetic_shards):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import remote
-from pipeline.manifest import ManifestError, load_manifest
-from pipeline.remote import ShardCache, is_remote, victims
+from imt.pipeline import remote
+from imt.pipeline.manifest import ManifestError, load_manifest
+from imt.pipeline.remote import ShardCache, is_remote, victims
 
 pytest.importorskip("fsspec")
 
@@ -118,9 +118,9 @@ def test_http_shards_are_cached_verified_and_retried(http_shards, tmp_path, monk
 
 
 def test_loaders_read_a_url_through_the_cache(http_shards, tmp_path):
-    from pipeline import build_loader
-    from pipeline.config import DataConfig
-    from train.dist import DistInfo
+    from imt.pipeline import build_loader
+    from imt.pipeline.config import DataConfig
+    from imt.train.dist import DistInfo
 
     url, _ = http_shards
     cfg = DataConfig(path=url, loader="torch", batch_size=8, resolution=32, val_resolution=32, workers=1,

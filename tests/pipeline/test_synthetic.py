@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import build_loader
-from pipeline.config import DataConfig
-from train.dist import DistInfo
+from imt.pipeline import build_loader
+from imt.pipeline.config import DataConfig
+from imt.train.dist import DistInfo
 
 
 def test_synthetic_contract():

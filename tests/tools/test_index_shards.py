@@ -12,11 +12,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.config import DataConfig
-from pipeline.manifest import ManifestError, load_manifest
-from tools.index_shards import index_shards, main
-from tools.make_shards import ShardError
-from train.dist import DistInfo
+from imt.pipeline.config import DataConfig
+from imt.pipeline.manifest import ManifestError, load_manifest
+from imt.tools.index_shards import index_shards, main
+from imt.tools.make_shards import ShardError
+from imt.train.dist import DistInfo
 
 wds = pytest.importorskip("webdataset")
 
@@ -97,8 +97,8 @@ def test_index_beside_the_untouched_tars_with_report(wds_shards):
 @pytest.mark.parametrize("kind", ["torch", "dali"])
 def test_both_loaders_read_every_kept_sample_with_its_label(wds_shards, kind):
     pytest.importorskip("nvidia.dali")
-    from pipeline.dali import DaliLoader
-    from pipeline.torch_baseline import ShardLoader
+    from imt.pipeline.dali import DaliLoader
+    from imt.pipeline.torch_baseline import ShardLoader
 
     root, expected, _ = wds_shards
     index_shards(root, progress=False)
@@ -136,8 +136,8 @@ def test_labels_from_a_json_field_and_a_class_list(wds_shards, tmp_path):
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_trainer_runs_an_epoch_on_adopted_shards(wds_shards, tmp_path, loader):
     pytest.importorskip("nvidia.dali")
-    from train.config import load_config
-    from train.run import train
+    from imt.train.config import load_config
+    from imt.train.run import train
 
     root, _, _ = wds_shards
     index_shards(root, progress=False)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pipeline.manifest as pm
-from tools import make_shards as ms
-from tools.make_shards import ShardError, SimulatedInterrupt, make_shards
+import imt.pipeline.manifest as pm
+from imt.tools import make_shards as ms
+from imt.tools.make_shards import ShardError, SimulatedInterrupt, make_shards
 
 from ._shards import dali_read, files_of, link_tree, manifest, odd_files, read_tar, write_tree
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tools.make_synthetic import CLASSES, make_synthetic
+from imt.tools.make_synthetic import CLASSES, make_synthetic
 
 
 def _files(root: Path) -> dict[str, bytes]:

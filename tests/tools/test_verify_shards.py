@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tools.verify_shards import main, verify_shards
+from imt.tools.verify_shards import main, verify_shards
 
 REPO = Path(__file__).resolve().parents[2]
 

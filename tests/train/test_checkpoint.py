@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.checkpoint import (CheckpointDir, CheckpointError, StopFlag, check_compatible, find_resume,
+from imt.train.checkpoint import (CheckpointDir, CheckpointError, StopFlag, check_compatible, find_resume,
                               list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 
 
@@ -134,10 +134,10 @@ def test_stop_flag_handler():
 def test_resume_auto_under_ddp_loads_rank0s_choice(tmp_path, monkeypatch):
     """Rank 0 picks the checkpoint and the others load that file; a rank that cannot see it (--out not
     shared between nodes) says so, and rank 0's 'nothing usable' reaches every rank instead of a hang."""
-    from train import dist
-    from train.checkpoint import save_checkpoint
-    from train.dist import DistInfo
-    from train.run import agree_on_resume
+    from imt.train import dist
+    from imt.train.checkpoint import save_checkpoint
+    from imt.train.dist import DistInfo
+    from imt.train.run import agree_on_resume
 
     rank1 = DistInfo(rank=1, world_size=2)
     ckpt = save_checkpoint({"model": {}, "arch": "resnet18", "step": 7}, tmp_path / "epoch0001-step00000007.pt")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import Config, ConfigError, from_dict, load_config, parse_override, recipe_names, resolve
+from imt.train.config import Config, ConfigError, from_dict, load_config, parse_override, recipe_names, resolve
 
 
 @pytest.mark.parametrize("name", recipe_names())

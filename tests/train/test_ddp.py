@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpoint import list_checkpoints, load_checkpoint
+from imt.train.checkpoint import list_checkpoints, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ def test_torchrun_two_ranks_agree(tmp_path, loader, request):
         pytest.importorskip("webdataset")
         data = ["--loader", "torch", "--data", str(request.getfixturevalue("synthetic_shards")), "--workers", "1"]
     cmd = [torchrun, "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint",
-           f"127.0.0.1:{_free_port()}", "-m", "train.run", *data, "--arch", "resnet18", "--epochs", "2",
+           f"127.0.0.1:{_free_port()}", "-m", "imt.train.run", *data, "--arch", "resnet18", "--epochs", "2",
            "--batch-size", "8", "--resolution", "32", "--device", "cpu", "--out", str(out),
            "--set", "run.log_every=2", "--set", "run.tensorboard=false", "--set", "optim.ema_decay=0.9"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -61,7 +61,7 @@ def test_torchrun_sigterm_stops_every_rank_at_the_same_step_and_resumes(tmp_path
         pytest.skip("torchrun not found")
     out = tmp_path / "run"
     cmd = [torchrun, "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint",
-           f"127.0.0.1:{_free_port()}", "-m", "train.run", "--loader", "synthetic", "--set",
+           f"127.0.0.1:{_free_port()}", "-m", "imt.train.run", "--loader", "synthetic", "--set",
            "data.synthetic_samples=240", "--set", "data.synthetic_classes=4", "--arch", "resnet18", "--epochs", "2",
            "--batch-size", "4", "--resolution", "32", "--device", "cpu", "--out", str(out),
            "--set", "run.log_every=1000", "--set", "run.tensorboard=false"]

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from train.dist import DistInfo
-from train.evaluate import evaluate, per_class_report, save_report, topk_correct
+from imt.train.dist import DistInfo
+from imt.train.evaluate import evaluate, per_class_report, save_report, topk_correct
 
 # 6 classes; 5 samples. Ranking of each row (best first) written out so the expected counts can be read off.
 LOGITS = torch.tensor([

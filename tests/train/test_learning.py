@@ -7,7 +7,7 @@ import pytest
 
 @pytest.mark.slow
 def test_resnet18_learns_imagenette(imagenette, tmp_path):
-    from benchmarks.learning import run
+    from imt.benchmarks.learning import run
 
     summary = run(imagenette, loader="folder", resolution=64, epochs=3, batch_size=64, out=tmp_path / "run")
     rows = summary["rows"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.model import build_model, loss_function, param_groups, prepare, unwrap, zero_init_last_bn
+from imt.train.model import build_model, loss_function, param_groups, prepare, unwrap, zero_init_last_bn
 
 
 def test_resnet_zero_init_and_channels_last():

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.checkpoint import StopFlag, list_checkpoints, load_checkpoint
-from train.config import load_config
-from train.run import train
+from imt.train.checkpoint import StopFlag, list_checkpoints, load_checkpoint
+from imt.train.config import load_config
+from imt.train.run import train
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -115,7 +115,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     train(_cfg(tmp_path, **{"run.epochs": 1}))
     ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
     before = {p.name: p.stat().st_mtime_ns for p in ckpts}
-    r = subprocess.run([PY, "-m", "train.run", "--loader", "synthetic", "--arch", "resnet18", "--epochs", "2",
+    r = subprocess.run([PY, "-m", "imt.train.run", "--loader", "synthetic", "--arch", "resnet18", "--epochs", "2",
                         "--batch-size", "8", "--resolution", "32", "--out", str(tmp_path / "run"), "--resume",
                         "auto", "--device", "cpu", "--lr", "1e30", "--set", "data.synthetic_samples=32",
                         "--set", "data.synthetic_classes=4", "--set", "run.log_every=1", "--set",
@@ -128,7 +128,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_resume_refuses_another_architecture(tmp_path):
     train(_cfg(tmp_path, **{"run.epochs": 1}))
-    from train.checkpoint import CheckpointError
+    from imt.train.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="holds a resnet18 but this run builds a resnet34"):
         train(_cfg(tmp_path, **{"run.epochs": 2, "run.resume": "auto", "model.arch": "resnet34"}))
 
@@ -137,7 +137,7 @@ def test_resume_with_other_optimizer_groups_is_refused_cleanly(tmp_path):
     """A checkpoint of plain training resumed as fine-tuning (head and backbone in separate lr groups):
     a CheckpointError that says what to do, not torch's ValueError traceback."""
     train(_cfg(tmp_path, **{"run.epochs": 1}))
-    from train.checkpoint import CheckpointError
+    from imt.train.checkpoint import CheckpointError
     weights = str(tmp_path / "run" / "checkpoints" / "best.pt")
     with pytest.raises(CheckpointError, match="does not fit this run.*settings it was made with"):
         train(_cfg(tmp_path, **{"run.epochs": 2, "run.resume": "auto", "model.pretrained": weights}))
@@ -174,7 +174,7 @@ def test_cli_errors_are_clear(tmp_path):
                         "optim.learnign_rate=1"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "optim.learnign_rate" in r.stderr and "valid keys" in r.stderr
     assert "Traceback" not in r.stderr
-    r = subprocess.run([PY, "-m", "train.run", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([PY, "-m", "imt.train.run", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--recipe" in r.stdout and "--set" in r.stdout
 
 
@@ -183,7 +183,7 @@ def test_finetune_from_our_checkpoint_linear_and_full(tmp_path):
     new head moves (BN statistics too stay put); full: the backbone trains at backbone_lr_mult x the lr."""
     from click.testing import CliRunner
 
-    from train.run import main
+    from imt.train.run import main
 
     train(_cfg(tmp_path, "pre", **{"run.epochs": 1}))
     pre = load_checkpoint(tmp_path / "pre" / "checkpoints" / "best.pt")
@@ -216,7 +216,7 @@ def test_finetune_resumes_without_repeating_pretrained(tmp_path, capsys):
     the same parameter groups and frozen modules and continues, for a linear probe and for full fine-tuning."""
     import shutil
 
-    from train.transfer import PretrainedError
+    from imt.train.transfer import PretrainedError
 
     train(_cfg(tmp_path, "pre", **{"run.epochs": 1}))
     weights = tmp_path / "weights.pt"
@@ -247,7 +247,7 @@ def test_finetune_resumes_without_repeating_pretrained(tmp_path, capsys):
 
 
 def test_linear_probe_needs_pretrained_weights(tmp_path):
-    from train.config import ConfigError
+    from imt.train.config import ConfigError
     with pytest.raises(ConfigError, match="need pretrained weights: pass --pretrained"):
         _cfg(tmp_path, **{"model.finetune": "linear"})
 
@@ -256,7 +256,7 @@ def test_progressive_resizing_reaches_the_loader_and_tensorboard_gets_the_scalar
                                                                                    monkeypatch):
     """A real run with run.start_res: the batches the model sees grow 32 -> 48 -> 64 px over the epochs (not only
     the logged number), and TensorBoard receives every metric per epoch."""
-    import train.run as run_mod
+    import imt.train.run as run_mod
 
     seen: list[set] = []
     real_epoch = run_mod.train_one_epoch
@@ -297,7 +297,7 @@ def test_progressive_resizing_reaches_the_loader_and_tensorboard_gets_the_scalar
 def test_a_used_out_is_refused_for_a_fresh_run_and_a_finished_run_is_left_alone(tmp_path):
     """A fresh run into a folder with checkpoints would rotate them away and mix best.pt and config.json;
     --resume auto on a run that already did all its epochs (a re-queued job) must keep its summary."""
-    from train.config import ConfigError
+    from imt.train.config import ConfigError
 
     first = train(_cfg(tmp_path, **{"run.epochs": 2}))
     out = tmp_path / "run"
@@ -326,8 +326,8 @@ def test_resume_applies_this_runs_optimizer_settings_and_reads_checkpoints_in_ep
 
 def test_broken_weights_are_never_checkpointed(tmp_path, monkeypatch):
     """The loss is checked before each update; weights broken by an epoch's last update must not be saved."""
-    import train.run as run_mod
-    from train.loop import NonFiniteLoss
+    import imt.train.run as run_mod
+    from imt.train.loop import NonFiniteLoss
 
     real_epoch = run_mod.train_one_epoch
 

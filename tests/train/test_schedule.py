@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from train.config import OptimConfig, RunConfig
-from train.model import param_groups
-from train.schedule import LRSchedule, lr_factor, peak_lr, resolution_at
+from imt.train.config import OptimConfig, RunConfig
+from imt.train.model import param_groups
+from imt.train.schedule import LRSchedule, lr_factor, peak_lr, resolution_at
 
 
 def test_peak_lr_scales_with_global_batch():

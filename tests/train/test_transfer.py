@@ -9,7 +9,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from train.transfer import PretrainedError, freeze_bn_stats, head_names, load_pretrained, set_trainable
+from imt.train.transfer import PretrainedError, freeze_bn_stats, head_names, load_pretrained, set_trainable
 
 
 @pytest.fixture()
@@ -78,7 +78,7 @@ def test_our_checkpoint_gives_its_ema_weights_and_is_verified(r18_state, tmp_pat
     says so; a checkpoint whose sha256 sidecar no longer matches is refused, not loaded."""
     from torch.optim.swa_utils import AveragedModel
 
-    from train.checkpoint import save_checkpoint
+    from imt.train.checkpoint import save_checkpoint
 
     src, _ = r18_state
     ema = AveragedModel(torchvision.models.resnet18(num_classes=10), use_buffers=True)  # other random weights
@@ -205,7 +205,7 @@ def test_torchvision_references_checkpoint_with_args_and_model_ema(r18_state, tm
     assert torch.equal(model.conv1.weight, averaged.module.conv1.weight)
     assert not report.unexpected and not report.missing  # n_averaged dropped, module. stripped
     assert "torchvision references" in report.source and "EMA" in report.source
-    from train.transfer import read_state
+    from imt.train.transfer import read_state
 
     raw, meta = read_state(path, "resnet18", ema=False)
     assert meta["weights"] == "raw" and torch.equal(raw["conv1.weight"], src.conv1.weight)
@@ -266,8 +266,8 @@ def test_full_finetune_with_frozen_bn_keeps_statistics_but_trains_affine():
 def test_export_and_predict_round_trip(tmp_path):
     from click.testing import CliRunner
 
-    from train.export import export_model
-    from train.predict import Predictor, main as predict_main
+    from imt.train.export import export_model
+    from imt.train.predict import Predictor, main as predict_main
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=3).eval()
@@ -314,10 +314,10 @@ def test_export_cli_from_a_training_checkpoint(tmp_path):
     validation size and classes; --no-ema takes the raw weights; predict reads the checkpoint directly too."""
     from click.testing import CliRunner
 
-    from train.config import load_config
-    from train.export import main as export_main
-    from train.predict import Predictor
-    from train.run import train
+    from imt.train.config import load_config
+    from imt.train.export import main as export_main
+    from imt.train.predict import Predictor
+    from imt.train.run import train
 
     cfg = load_config(None, {"model.arch": "resnet18", "data.loader": "synthetic", "data.synthetic_samples": 16,
                              "data.synthetic_classes": 3, "data.dtype": "float32", "data.batch_size": 8,
@@ -350,8 +350,8 @@ def test_export_cli_from_a_training_checkpoint(tmp_path):
 def test_export_and_predict_name_a_file_they_cannot_load(tmp_path):
     from click.testing import CliRunner
 
-    from train.export import main as export_main
-    from train.predict import main as predict_main
+    from imt.train.export import main as export_main
+    from imt.train.predict import main as predict_main
 
     bad = tmp_path / "best.pt"
     bad.write_bytes(b"PK\x03\x04 cut short")
