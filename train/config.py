@@ -247,6 +247,7 @@ def validate(cfg: Config) -> None:
            "model.sync_bn with frozen BN statistics (--freeze-bn or --finetune linear): frozen statistics are "
            "never synchronised, so SyncBN does nothing there and would unfreeze them; drop model.sync_bn")
     _check(d.batch_size > 0, f"data.batch_size={d.batch_size}: must be positive")
+    _check(d.cache_limit >= 0, f"data.cache_limit={d.cache_limit}: GiB of shards kept from a --data URL, 0 = no limit")
     _check(d.resolution >= 16 and d.val_resolution >= 16, "data.resolution/val_resolution: at least 16 px")
     _check(p.dtype in PRECISIONS, f"precision.dtype={p.dtype!r}: expected one of {', '.join(PRECISIONS)}")
     _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: expected one of {', '.join(SCHEDULES)}")
