@@ -218,7 +218,8 @@ class DaliLoader:
             resize_shorter=int(cfg.val_resolution / cfg.val_resize_ratio), cfg=cfg,
             shard_id=self.rank, num_shards=self.world,
             reader_seed=_seed(cfg.seed, self.epoch, self.rank), order_seed=_seed(cfg.seed, self.epoch),
-            keys=self.keys, label_ext=self.manifest.label_ext, batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
+            keys=self.keys, batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
+            label_ext=self.manifest.label_ext,
             device_id=(self.device.index or 0) if self.gpu else None,
             prefetch_queue_depth=cfg.prefetch, seed=_seed(cfg.seed, self.epoch, self.rank, 1))
         pipe.build()

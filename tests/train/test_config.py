@@ -93,7 +93,8 @@ def test_out_of_range_values_are_refused(key, value, message):
 
 
 def test_remote_cache_settings_are_typed_and_checked():
-    cfg = load_config(None, {"data.path": "s3://bucket/shards", "data.cache_limit": "200", "data.cache_dir": "/scratch"})
+    cfg = load_config(None, {"data.path": "s3://bucket/shards", "data.cache_limit": "200",
+                             "data.cache_dir": "/scratch"})
     assert cfg.data.cache_limit == 200.0 and cfg.data.cache_dir == "/scratch"
     with pytest.raises(ConfigError, match="data.cache_limit=-1"):
         load_config(None, {"data.path": "x", "data.cache_limit": -1})
