@@ -53,6 +53,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .common import MEAN, STD, load_split, rank_batches, torch_dtype
 from .config import DataConfig
+from .manifest import read_index
 
 # nvJPEG buffers sized for the largest ImageNet training image (NVIDIA's RN50 example), so the
 # decoder never reallocates, and device memory does not grow, during the first epoch.
@@ -314,19 +315,15 @@ def find_undecodable(shards, budget_s: float) -> tuple[str, str, str] | None:
 
     deadline = time.monotonic() + budget_s
     for shard in shards:
-        with open(shard.index) as idx, open(shard.tar, "rb") as tar:
-            next(idx)  # header
-            for line in idx:
-                f = line.split()
-                for ext, offset, size, name in zip(f[0::4], f[1::4], f[2::4], f[3::4]):
-                    if ext != "jpg":
-                        continue
-                    tar.seek(int(offset))
-                    data = torch.frombuffer(bytearray(tar.read(int(size))), dtype=torch.uint8)
-                    try:
-                        decode_jpeg(data)
-                    except RuntimeError as e:
-                        return str(shard.tar), name.rsplit(".", 1)[0], str(e).strip()
+        with open(shard.tar, "rb") as tar:
+            for sample in read_index(shard.index):
+                offset, size, name = sample["jpg"]
+                tar.seek(offset)
+                data = torch.frombuffer(bytearray(tar.read(size)), dtype=torch.uint8)
+                try:
+                    decode_jpeg(data)
+                except RuntimeError as e:
+                    return str(shard.tar), name.rsplit(".", 1)[0], str(e).strip()
                 if time.monotonic() > deadline:
                     return None
     return None
