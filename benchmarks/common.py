@@ -80,24 +80,21 @@ def dataset_stats(shards: Path, split: str = "train", max_headers: int = 1000) -
     headers of the first `max_headers` samples in index order: decode cost scales with pixels)."""
     from PIL import Image
 
-    from imt.pipeline.manifest import load_manifest
+    from imt.pipeline.manifest import load_manifest, read_index
 
     m = load_manifest(shards)
     sp = m.split(split)
     sizes, dims = [], []
     for shard in sp.shards:
-        with open(shard.index) as idx, open(shard.tar, "rb") as tar:
-            next(idx)
-            for line in idx:
-                f = line.split()
-                for ext, off, size in zip(f[0::4], f[1::4], f[2::4]):
-                    if ext != "jpg":
-                        continue
-                    sizes.append(int(size))
-                    if len(dims) < max_headers:
-                        tar.seek(int(off))
-                        with Image.open(io.BytesIO(tar.read(int(size)))) as im:
-                            dims.append(im.size)
+        index = read_index(shard.index)
+        with open(shard.tar, "rb") as tar:
+            for i in range(len(index)):
+                off, size, _ = index.sample(i)["jpg"]
+                sizes.append(size)
+                if len(dims) < max_headers:
+                    tar.seek(off)
+                    with Image.open(io.BytesIO(tar.read(size))) as im:
+                        dims.append(im.size)
     return {"split": split, "samples": sp.num_samples, "shards": len(sp.shards), "classes": m.num_classes,
             "mean_jpeg_bytes": round(statistics.fmean(sizes)) if sizes else 0,
             "mean_width": round(statistics.fmean(w for w, _ in dims), 1) if dims else 0,

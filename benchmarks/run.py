@@ -24,14 +24,16 @@ time goes (host blocked on data, host-to-device copies, synchronisation, kernels
 30,000 samples (about 3 GB of JPEGs) keep the page cache warm and epochs long enough that DALI's shuffle
 buffer (4096) and the DataLoader's worker start-up do not dominate; `--cache` keeps them between runs.
 
-What is measured, per loader (dali-mixed: nvJPEG/hardware decode on the GPU; dali-cpu: DALI's CPU
-operators; torch: torchvision DataLoader over the same shards; folder: torchvision ImageFolder DataLoader
+What is measured, per loader (dali-mixed: nvJPEG/hardware decode on the GPU; dali-cpu-decode: CPU decode and
+crop, GPU resize/flip/normalise; dali-cpu: DALI's CPU operators; torch: torchvision DataLoader over the same shards; folder: torchvision ImageFolder DataLoader
 over the replicated class-per-folder tree):
 1. pipeline-only images/sec: batches drawn from pipeline.build_loader exactly as the trainer draws them
    (training augmentation, normalised, channels-last, on the device);
 2. end-to-end images/sec: each batch goes through train.loop.train_step with the model, optimizer, loss and
    precision that train/ builds (same settings for every loader), eager and (with --compile) torch.compile;
-3. the ceiling: the same step fed pipeline.synthetic (one batch made once on the device).
+3. the ceiling: the same step fed pipeline.synthetic (one batch made once on the device);
+4. the decode-only limit of the CPU pipelines (benchmarks.limit: torchvision.io.decode_jpeg of the same JPEGs
+   in `--workers` processes, nothing else), timed with them; each CPU pipeline is reported as a fraction of it.
 Each end-to-end figure is reported as a fraction of the ceiling of the same mode, with its data-wait
 fraction (host time blocked in next(loader) / wall time; on CUDA the host runs ahead of the GPU, so this
 is near 0 unless the pipeline is the bottleneck). Every figure: `--warmup` untimed batches (pipeline and
@@ -58,12 +60,15 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import click
 import torch
 
 from imt.benchmarks.common import (BenchData, dataset_stats, environment, prepare_data, stream, summarise, sync,
                                time_windows)
+from imt.benchmarks.limit import NAME as LIMIT
+from imt.benchmarks.limit import DecodeOnly
 from imt.benchmarks.shards import DEFAULT_SRC
 from imt.pipeline import build_loader
 from imt.pipeline.config import DataConfig
@@ -71,17 +76,19 @@ from imt.train.cli import CONTEXT
 from imt.train.config import Config, ConfigError, load_config, parse_override, resolve
 from imt.train.dist import single
 from imt.train.loop import train_step
-from imt.train.model import build_model, build_step_parts, prepare
+from imt.train.model import build_model, build_step_parts, compile_model, prepare
 from imt.train.run import seed_everything
 
 # Benchmark loader name -> DataConfig fields.
 LOADERS: dict[str, dict] = {
     "dali-mixed": {"loader": "dali", "dali_device": "gpu"},
+    "dali-cpu-decode": {"loader": "dali", "dali_device": "cpu-decode"},  # CPU decode + crop, GPU augment
     "dali-cpu": {"loader": "dali", "dali_device": "cpu"},
     "torch": {"loader": "torch"},
     "folder": {"loader": "folder"},
 }
 CEILING = "synthetic"
+CPU_PIPELINES = ("dali-cpu", "torch", "folder")  # decode every JPEG on the CPU: bounded by decode-only (LIMIT)
 # Sweepable DataConfig fields, their type, and the loaders they change (None: all).
 SWEEPS: dict[str, tuple[type, set[str] | None]] = {
     "batch_size": (int, None),
@@ -153,6 +160,8 @@ def unavailable(kind: str, device: torch.device, data: BenchData) -> str | None:
             return "nvidia-dali is not installed (pip install nvidia-dali-cuda120, or -cuda130 for CUDA 13)"
         if kind == "dali-mixed" and device.type != "cuda":
             return "no CUDA device: DALI's mixed (nvJPEG) decode needs a GPU"
+        if kind == "dali-cpu-decode" and device.type != "cuda":
+            return "no CUDA device: dali-cpu-decode resizes, flips and normalises on the GPU"
     if kind == "folder" and data.folder is None:
         return "no ImageFolder tree: pass --folder ROOT (holding train/<class>/*.JPEG) with --data"
     return None
@@ -180,7 +189,7 @@ class Step:
         model = build_model(cfg.model.arch, num_classes, zero_init_residual=cfg.model.zero_init_residual)
         self.model = prepare(model, device)
         self.parts = build_step_parts(cfg, self.model, device)
-        self.net = torch.compile(self.model) if compiled else self.model
+        self.net = compile_model(self.model) if compiled else self.model
         self.net.train()
         self.loss: torch.Tensor | None = None
 
@@ -198,15 +207,16 @@ class Item:
     record: dict
     cfg: DataConfig | None = None
     work: Step | None = None
+    build: Callable | None = None  # makes the loader from (cfg, split, dist, train=...); None: build_loader
     rates: list = field(default_factory=list)
     waits: list = field(default_factory=list)
     loads: list = field(default_factory=list)
     seconds: float = 0.0
 
 
-def window(cfg: DataConfig, device: torch.device, bench: Bench, work, repeats: int):
+def window(cfg: DataConfig, device: torch.device, bench: Bench, work, repeats: int, build: Callable | None = None):
     """Build the loader, warm up, time `repeats` windows, release the loader."""
-    loader = build_loader(cfg, "train", single(device), train=True)
+    loader = (build or build_loader)(cfg, "train", single(device), train=True)
     batches = stream(loader)
     try:
         return time_windows(batches, work or (lambda images, labels: None), device,
@@ -229,7 +239,7 @@ def measure(items: list[Item], device: torch.device, bench: Bench, errors: list[
                 continue
             t0, load = time.perf_counter(), os.getloadavg()[0]
             try:
-                w = window(it.cfg, device, bench, it.work, repeats)
+                w = window(it.cfg, device, bench, it.work, repeats, it.build)
             except Exception as e:  # noqa: BLE001 - reported with its loader and settings
                 what = " ".join(f"{k}={v}" for k, v in it.record.items() if k in ("section", "mode", "loader", "sweep"))
                 it.record.update(status="error", reason=f"{type(e).__name__}: {e}")
@@ -275,6 +285,14 @@ def add_fractions(records: list[dict], ceilings: dict) -> None:
         c = ceilings.get(r.get("mode"))
         if r["status"] == "ok" and r["loader"] != CEILING and c:
             r["ceiling_fraction"] = round(r["img_per_s"]["median"] / c, 4)
+
+
+def add_limit_fractions(records: list[dict]) -> None:
+    """Each CPU pipeline's images/sec as a fraction of the decode-only limit of the same run."""
+    limit = next((r["img_per_s"]["median"] for r in records if r["loader"] == LIMIT and r["status"] == "ok"), None)
+    for r in records:
+        if limit and r["loader"] in CPU_PIPELINES and r["status"] == "ok":
+            r["limit_fraction"] = round(r["img_per_s"]["median"] / limit, 4)
 
 
 def ceilings_of(records: list[dict]) -> dict:
@@ -385,7 +403,8 @@ def profile_train(cfg: DataConfig, step: Step, device: torch.device, bench: Benc
             **({"self_device_s": round(_event_time(e, "self_device_time_total") * us, 5)} if cuda else {}),
             "calls": e.count}
            for e in sorted(avgs, key=lambda e: -_event_time(e, "self_device_time_total" if cuda else "self_cpu_time_total"))[:15]]
-    return {"loader": cfg.loader if cfg.loader != "dali" else f"dali-{'mixed' if cfg.dali_device == 'gpu' else 'cpu'}",
+    return {"loader": cfg.loader if cfg.loader != "dali" else
+            f"dali-{ {'gpu': 'mixed', 'cpu-decode': 'cpu-decode'}.get(cfg.dali_device, 'cpu')}",
             "steps": bench.profile_steps, "split": split, "top_ops": top, "table": table,
             "trace": trace}
 
@@ -436,6 +455,8 @@ def run(cfg: Config, bench: Bench, data: BenchData, device: torch.device, trace:
     steps = {m: Step(cfg, device, num_classes, compiled=m == "compile") for m in bench.modes} if needs_steps else {}
     items = []
     if "pipelines" in bench.sections:
+        if any(k in CPU_PIPELINES for k in bench.loaders):  # their limit, timed alongside them
+            items.append(Item({"section": "pipelines", "loader": LIMIT}, d, build=DecodeOnly))
         items += loader_items(d, bench.loaders, device, data, None, {"section": "pipelines"})
     if "train" in bench.sections:
         items += train_items(d, bench.loaders, steps, device, data, num_classes, {}, with_ceiling=True)
@@ -443,6 +464,7 @@ def run(cfg: Config, bench: Bench, data: BenchData, device: torch.device, trace:
         f"{', interleaved' if bench.interleave else ''}):")
     records = measure(items, device, bench, errors)
     result["pipelines"] = [r for r in records if r["section"] == "pipelines"]
+    add_limit_fractions(result["pipelines"])
     result["train"] = [r for r in records if r["section"] == "train"]
     result["ceiling"] = ceilings_of(result["train"])
     add_fractions(result["train"], result["ceiling"])

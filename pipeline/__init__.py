@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from .common import Loader
 from .config import DataConfig
 
 if TYPE_CHECKING:
     from imt.train.dist import DistInfo
+
+    from .common import Loader
 
 LOADERS = ("dali", "torch", "folder", "synthetic")
 
@@ -37,6 +38,15 @@ def build_loader(cfg: DataConfig, split: str, dist: "DistInfo", *, train: bool) 
         from .torch_baseline import FolderLoader
         return FolderLoader(cfg, split, dist, train=train)
     raise ValueError(f"DataConfig.loader={cfg.loader!r}: expected one of {', '.join(LOADERS)}")
+
+
+def __getattr__(name: str):
+    # `Loader` lives with torch (pipeline.common): importing `pipeline` eagerly cost 2.3-9.8 s, paid by every
+    # spawned make_shards worker that imports pipeline.manifest or pipeline.orphans (benchmarks/RESULTS.md).
+    if name == "Loader":
+        from .common import Loader
+        return Loader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["DataConfig", "Loader", "LOADERS", "build_loader"]

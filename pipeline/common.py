@@ -1,9 +1,11 @@
 """Pieces every loader shares: the Loader protocol, ImageNet statistics, dtype names."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Protocol
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -22,6 +24,24 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+@functools.lru_cache(maxsize=None)
+def _normalise_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN * 255 and 1 / (STD * 255) as 1 x 3 x 1 x 1 float32 tensors, built once per device: made per
+    batch, they cost two blocking host-to-device copies inside every `next(loader)` on a GPU."""
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+    return mean, inv_std
+
+
+def normalise(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 N x 3 x H x W (any layout; an NHWC batch viewed as NCHW is already channels-last) ->
+    normalised `dtype`, channels-last, on images' device. The one cast + normalise + layout step of every
+    loader that hands uint8 to the device (a quarter of float32's bytes over PCIe or the pipe)."""
+    mean, inv_std = _normalise_constants(images.device)
+    x = images.contiguous(memory_format=torch.channels_last).float()
+    return x.sub_(mean).mul_(inv_std).to(dtype)
+
+
 class Loader(Protocol):
     """What the training loop sees; every backend converts its own batch format to this."""
 
@@ -32,6 +52,12 @@ class Loader(Protocol):
     def __len__(self) -> int: ...  # batches per epoch on this rank, equal on every rank
     def set_epoch(self, epoch: int) -> None: ...
     def set_resolution(self, px: int) -> None: ...
+    # The torchdata `Stateful` convention: everything that decides what the rest of the epoch yields, as plain
+    # values (a checkpoint stores one per rank). After load_state_dict, the iteration of the state's epoch yields
+    # only the batches not yet trained, without producing the skipped ones; any other epoch is unaffected.
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> str: ...  # one line for the log: how the epoch resumes
+    def position(self) -> tuple[int, int]: ...  # (batches of the epoch counted as done, batches the next pass yields)
 
 
 def even_split(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -44,42 +70,74 @@ def even_split(n: int, world: int, rank: int) -> tuple[int, int]:
 
 # ---- shard checks shared by the DALI and webdataset loaders --------------------------------------
 
-def _last_index_entry(index: Path) -> list[str]:
-    """The last non-empty line of a wds2idx file, read from its tail (indexes of big shards are
-    hundreds of KB; the tail is all we need)."""
-    with open(index, "rb") as f:
-        f.seek(0, 2)
-        size = f.tell()
-        f.seek(max(0, size - 8192))
-        lines = [ln for ln in f.read().splitlines() if ln.strip()]
-    return lines[-1].decode(errors="replace").split() if lines else []
+TAR_BLOCK = 512
 
 
-def check_shard_pair(shard: "Shard", split: str, root: Path, adopted: bool = False) -> None:
-    """Cheap proof that an index belongs to its tar: its last component's tar header (the 512
-    bytes before the data offset) must name the member the index names, and the data must end
-    inside the tar. Catches truncated tars, stale or swapped indexes (one seek + read each)."""
-    from .manifest import ManifestError
+def check_shard_pair(shard: "Shard", split: str, root: Path, label_ext: str = "lbl") -> None:
+    """Proof, before DALI sees them, that an index describes its tar. From the index alone (vectorised: about
+    a second for ImageNet's 1.28 M lines, see read_index): every line holds the same components, .jpg and .lbl
+    among them; every member's data starts on a 512-byte tar block after the previous member's data and its
+    own 512-byte header, and ends inside the tar (DALI given an offset moved by 512 bytes segfaulted in 3 of 6
+    runs). Then one read: the last member's tar header (the 512 bytes before its data) must name the member
+    the index names, which catches a stale or swapped index of the same shape. `label_ext` "lblsize" (shards
+    adopted by tools/index_shards.py): the label component is `label + 1` bytes at offset 0 of the tar, not a
+    member, so it is left out of the member checks, and the keys are the maker's, not `<split>_...`."""
+    from .manifest import ManifestError, read_index
 
     hint = (f"run `imt-verify-shards {root}` to list every damaged file, then "
             f"`imt-make-shards --src <data> --out {root}` to rebuild")
-    entry = _last_index_entry(shard.index)
-    if len(entry) < 4 or len(entry) % 4:
-        raise ManifestError(f"{shard.index}: last line is not `<ext> <offset> <size> <name>`...; {hint}")
-    ext, offset, size, name = entry[-4:]
-    offset, size = int(offset), int(size)
+    index = read_index(shard.index)
+    if len(index) != index.count or not len(index):
+        raise ManifestError(f"{shard.index}: header says {index.count} samples but it has {len(index)} lines; "
+                            f"{hint}")
+    index.column("jpg"), index.column(label_ext)  # what the loaders read
     tar_size = shard.tar.stat().st_size
-    if offset + size > tar_size or offset < 512:
-        raise ManifestError(f"{shard.tar}: {tar_size} bytes, but {shard.index} places {name} at "
-                            f"{offset}+{size}: the tar is truncated or the index is stale; {hint}")
+    members = [k for k, ext in enumerate(index.exts) if ext != "lblsize"]
+    offsets, sizes = index.offsets[:, members].reshape(-1), index.sizes[:, members].reshape(-1)  # in tar order
+    names = index.names if len(members) == len(index.exts) else \
+        np.array(index.names, dtype=object).reshape(len(index), -1)[:, members].reshape(-1).tolist()
+    ends = offsets + sizes
+    if (ends > tar_size).any():
+        i = int(np.flatnonzero(ends > tar_size)[0])
+        raise ManifestError(f"{shard.tar}: {tar_size} bytes, but {shard.index} places {names[i]} at "
+                            f"{offsets[i]}+{sizes[i]}: the tar is truncated or the index is stale; {hint}")
+    # Data starts on a tar block, after the previous member's data (rounded up to a block) and a header.
+    earliest = np.concatenate(([0], ends[:-1] + (-ends[:-1] % TAR_BLOCK))) + TAR_BLOCK
+    bad = (offsets % TAR_BLOCK != 0) | (offsets < earliest) | (sizes < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        previous = f"{names[i - 1]}, whose data ends at {ends[i - 1]}" if i else "none"
+        raise ManifestError(
+            f"{shard.index} line {i // len(members) + 2}: {names[i]} at byte {offsets[i]} (+{sizes[i]}) is "
+            f"not where a member of {shard.tar.name} can start: offsets must be 512-byte aligned, after the "
+            f"previous member ({previous}) and its own header. The index is stale or edited; {hint}")
+    offset, name = int(offsets[-1]), names[-1]
     with open(shard.tar, "rb") as f:
-        f.seek(offset - 512)
+        f.seek(offset - TAR_BLOCK)
         header_name = f.read(100).split(b"\0", 1)[0].decode(errors="replace")
     if header_name != name:
         raise ManifestError(f"{shard.index} does not match {shard.tar}: the index puts {name} at "
                             f"{offset} but the tar holds {header_name!r} there; {hint}")
-    if not adopted and not name.startswith(f"{split}_"):  # adopted shards keep their maker's keys
+    if label_ext == "lbl" and not name.startswith(f"{split}_"):  # adopted shards keep their maker's keys
         raise ManifestError(f"{shard.index}: member {name} is not from split {split!r}; {hint}")
+
+
+def label_outside(label: int, num_classes: int, key: str, tar: str | Path) -> "ManifestError":
+    """The error for a sample whose label is not in [0, num_classes): cross_entropy would fail on it with
+    `IndexError: Target 200 is out of bounds` (on a GPU: a device-side assert) naming no sample."""
+    from .manifest import ManifestError
+
+    root = Path(tar).parent
+    return ManifestError(f"sample {key} in {tar} has label {label}, outside [0, {num_classes}) for the "
+                         f"{num_classes} classes of {root / 'manifest.json'}: the shard was edited or made with "
+                         f"another class list. Run `imt-verify-shards {root}`, then remake the shards with "
+                         "`imt-make-shards`")
+
+
+def read_label(tar, offset: int) -> int:
+    """The int64 of a sample's .lbl member (little-endian) at `offset` of the open tar file."""
+    tar.seek(offset)
+    return int.from_bytes(tar.read(8), "little", signed=True)
 
 
 def load_split(path: str | Path, split: str) -> tuple["Manifest", "Split"]:
@@ -99,7 +157,7 @@ def load_split(path: str | Path, split: str) -> tuple["Manifest", "Split"]:
         raise ManifestError(f"{manifest.root / 'manifest.json'}: no classes listed; rebuild with "
                             f"`imt-make-shards --src <data> --out {manifest.root}`")
     for shard in sp.shards:
-        check_shard_pair(shard, split, manifest.root, manifest.adopted)
+        check_shard_pair(shard, split, manifest.root, manifest.label_ext)
     return manifest, sp
 
 
@@ -128,3 +186,107 @@ def rank_batches(order: list[int], world: int, rank: int, batch: int, drop_last:
         raise ValueError(f"{n} samples cannot give {world} ranks {total} non-empty batches of "
                          f"{batch}: lower the batch size or the number of ranks")
     return out
+
+
+# ---- where a loader is in its epoch (state_dict / load_state_dict), shared by every loader ---------
+
+STATE_VERSION = 1
+
+
+def epoch_plan(order: list[int], world: int, rank: int, batch: int, drop_last: bool,
+               segments: list | tuple = ()) -> list[list[int]]:
+    """This rank's batches of an epoch whose sample order is `order` (the same on every rank).
+
+    `segments` are the earlier runs that trained part of this epoch, oldest first, as (world, batch,
+    batches done on each rank): each split what the one before had left with rank_batches and stopped
+    after `done` batches. What the last of them left, in the order its ranks would have read it, is
+    split among this run's ranks by rank_batches again: every sample of the epoch is trained exactly
+    once across all the runs, and every rank of this run gets the same number of non-empty batches.
+    Without segments it is the whole epoch."""
+    todo = list(order)
+    for w, b, done in segments:
+        todo = [i for r in range(w) for part in rank_batches(todo, w, r, b, drop_last)[done:] for i in part]
+    if len(todo) < world:  # a handful of samples cannot give every rank a batch
+        return []
+    return rank_batches(todo, world, rank, batch, drop_last)
+
+
+class Position:
+    """The state every loader keeps: the epoch, the batches yielded in it (`done`), the earlier runs that
+    trained part of it (`segments`, see epoch_plan), and a pending resume from load_state_dict. A loader
+    calls `begin(epoch)` when an epoch's iteration starts, `step()` per batch it yields."""
+
+    def __init__(self, kind: str, *, world: int, rank: int, batch: int, drop_last: bool, seed: int,
+                 samples: int):
+        self.kind, self.world, self.rank, self.batch = kind, world, rank, batch
+        self.drop_last, self.seed, self.samples = drop_last, seed, samples
+        self.epoch, self.done, self.segments = 0, 0, []
+        self.end = 0  # `done` at the end of the current epoch's iteration
+        self.pending: dict | None = None  # a loaded state not yet used
+
+    def state_dict(self, **extra) -> dict:
+        return {"version": STATE_VERSION, "kind": self.kind, "epoch": self.epoch, "world": self.world,
+                "rank": self.rank, "batch_size": self.batch, "done": self.done,
+                "segments": [list(s) for s in self.segments], "seed": self.seed, "samples": self.samples,
+                "drop_last": self.drop_last, **extra}
+
+    def same_run(self, state: dict) -> bool:
+        """The state was saved by ranks that read this epoch exactly as this run's would (same world and batch)."""
+        return (int(state["world"]), int(state["batch_size"])) == (self.world, self.batch)
+
+    def load(self, state: dict, *, elastic: bool = True) -> str:
+        """Keep `state` for the next iteration of its epoch; returns how that epoch will resume. `elastic`:
+        the loader can split the rest of an epoch among another number of ranks or another batch size."""
+        if not state or int(state.get("done", 0)) == 0 and not state.get("dali"):
+            self.pending = None
+            return ""
+        epoch = int(state["epoch"])
+        why = None
+        if state.get("version") != STATE_VERSION:
+            why = f"its loader state has version {state.get('version')!r}, this code reads {STATE_VERSION}"
+        elif state.get("kind") != self.kind:
+            why = (f"it was made by the {state.get('kind')} loader, whose sample order the {self.kind} loader "
+                   "cannot replay")
+        elif (int(state["seed"]), int(state["samples"]), bool(state["drop_last"])) != \
+                (self.seed, self.samples, self.drop_last):
+            why = (f"the data or its order changed (seed, samples, drop_last: {state['seed']}, {state['samples']}, "
+                   f"{state['drop_last']} then, {self.seed}, {self.samples}, {self.drop_last} now)")
+        elif not elastic and not self.same_run(state):
+            why = (f"it was saved by {state['world']} rank(s) at batch size {state['batch_size']} and this run has "
+                   f"{self.world} at {self.batch}: the {self.kind} loader resumes mid-epoch only with the same")
+        if why:
+            self.pending = None
+            return (f"epoch {epoch + 1} restarts from its beginning ({why}): in this one epoch the samples "
+                    f"already trained are seen again")
+        self.pending = dict(state)
+        if int(state["done"]) == 0:
+            return f"epoch {epoch + 1} continues the {self.kind} loader's sample stream from its checkpoint"
+        if self.same_run(state):
+            return f"epoch {epoch + 1} continues at batch {int(state['done']) + 1}"
+        return (f"epoch {epoch + 1} continues on {self.world} rank(s) at batch size {self.batch} (saved by "
+                f"{state['world']} at {state['batch_size']}): its untrained samples are split among the ranks")
+
+    def resume_for(self, epoch: int) -> tuple[list, int] | None:
+        """(segments for epoch_plan, first batch index) when a loaded state continues `epoch`, else None."""
+        state = self.pending
+        if state is None or int(state["epoch"]) != epoch:
+            return None
+        segments = [tuple(int(x) for x in s) for s in state["segments"]]
+        if self.same_run(state):
+            return segments, int(state["done"])
+        return segments + [(int(state["world"]), int(state["batch_size"]), int(state["done"]))], 0
+
+    def begin(self, epoch: int) -> tuple[list, int]:
+        """An epoch's iteration starts: (segments, first batch index) it continues from; the pending state is
+        used up. The loader then sets `end` (first index + the batches it will yield)."""
+        resume = self.resume_for(epoch)
+        self.pending = None
+        self.epoch = epoch
+        self.segments, self.done = resume if resume else ([], 0)
+        return list(self.segments), self.done
+
+    def step(self) -> None:
+        """One batch yielded; after the epoch's last one the state points at the start of the next epoch."""
+        self.done += 1
+        if self.done >= self.end:
+            self.epoch, self.done, self.segments = self.epoch + 1, 0, []

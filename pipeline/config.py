@@ -26,10 +26,20 @@ class DataConfig:
     shuffle_buffer: int = 4096       # DALI reader random_shuffle buffer (initial_fill)
     dtype: str = "bfloat16"          # output image dtype: bfloat16 | float16 | float32
     drop_last: bool = False          # train: drop the partial last batch instead of yielding it
-    dali_device: str = "auto"        # auto | gpu | cpu  (cpu = DALI CPU operators, device_id=None)
+    dali_device: str = "auto"        # auto | gpu | cpu-decode | cpu  (where DALI's stages run: pipeline/dali.py)
     seed: int = 0
+    verify: bool = False             # hash every shard against manifest.json before training (train.preflight)
     synthetic_samples: int = 0       # synthetic loader: samples per epoch per rank (0: 50 batches)
     synthetic_classes: int = 1000    # synthetic loader: label range
+    # Training augmentations after crop + flip, the same in the DALI and torch pipelines (pipeline.augment):
+    # auto_augment "" (off) | randaugment (RandAugment, num_ops 2, magnitude 9 of 31 bins: torchvision's
+    # references and timm's rand-m9) | trivialaugment (TrivialAugmentWide); random_erase = probability of
+    # erasing one rectangle (2-33% of the area, aspect 0.3-3.3) to the mean colour (torchvision's references: 0.1
+    # with RandAugment / TrivialAugment; timm's ImageNet recipes 0.25).
+    auto_augment: str = ""
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    random_erase: float = 0.0
     # path s3://, gs://, http(s)://: shards are fetched into this folder (pipeline/remote.py), at most
     # cache_limit GiB of them (0: no limit); "" = $XDG_CACHE_HOME/imt/shards (~/.cache/imt/shards).
     cache_dir: str = ""

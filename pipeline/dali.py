@@ -1,6 +1,15 @@
 """DALI loader: webdataset shards -> decode + random crop -> resize -> flip + normalise, on the
 GPU ("mixed" nvJPEG decode) or, with no GPU, the same graph with CPU operators (device_id=None).
 
+Where the stages run, by data.dali_device (see `placement`):
+    gpu          decode "mixed" (nvJPEG, hardware decoder), resize/flip/normalise on the GPU
+    cpu-decode   decode + random crop on CPU threads (libjpeg-turbo), the uint8 crop crosses to the GPU,
+                 resize/flip/normalise on the GPU: NVIDIA's DeepLearningExamples "dali-cpu" backend, which
+                 leaves the GPU's decoders to the model (recommended there for ResNet-50 on DGX A100)
+    cpu          everything on CPU threads; with a GPU to train on, the pipeline emits uint8 (a quarter of
+                 float32's bytes) and pipeline.common.normalise runs on the GPU
+    auto         gpu with a CUDA training device, cpu otherwise
+
     loader = DaliLoader(cfg, "train", dist, train=True)
     for images, labels in loader: ...     # N x 3 x H x W channels-last, cfg.dtype, on dist.device
 
@@ -10,9 +19,7 @@ Choices, with reasons:
 - bfloat16: DALI 2.4 has no BFLOAT16 type (types.DALIDataType lists FLOAT16, FLOAT, FLOAT64), so
   the graph emits float16 on the GPU (half the bytes of float32; normalised values lie in
   [-2.2, 2.7], far inside fp16's range and finer than bf16's 8-bit mantissa) and the wrapper casts
-  on the device. On the CPU it emits float32: torch casts fp32 -> bf16 twice as fast as
-  fp16 -> bf16 (9.8 vs 19.3 ms per 64 x 224 px batch on one core here), and that cast runs on
-  the main thread.
+  on the device. A CPU graph emits float32 for CPU training and uint8 for a GPU (`output_type`).
 - Exactly once per epoch across ranks: the reader shards by sample range (rank r reads
   [N*r//W, N*(r+1)//W)), `pad_last_batch=True` pads every rank to the largest share and the
   iterator's `reader_name` trims the padding. Measured (1-7 ranks, shuffled or not): every key
@@ -39,6 +46,7 @@ Choices, with reasons:
   prefetches the next epoch's first batches before the loop can call set_resolution, so they
   would come out at the old size. Progressive resizing changes size a handful of times per run,
   and a rebuild costs a pipeline start (about 0.2 s on the CPU here) plus refilling the buffer.
+- GPU outputs are copied into tensors torch allocates (`exec_dynamic=False`, see `executor_args`).
 """
 from __future__ import annotations
 
@@ -51,15 +59,31 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .common import MEAN, STD, load_split, rank_batches, torch_dtype
+from .augment import dali_auto_augment, dali_random_erase
+from .common import MEAN, STD, Position, label_outside, load_split, normalise, rank_batches, read_label, torch_dtype
 from .config import DataConfig
-from .manifest import read_index
+from .manifest import ManifestError, read_index
 
 # nvJPEG buffers sized for the largest ImageNet training image (NVIDIA's RN50 example), so the
 # decoder never reallocates, and device memory does not grow, during the first epoch.
 DEVICE_MEMORY_PADDING = 211_025_920
 HOST_MEMORY_PADDING = 140_544_512
 PREALLOCATE_WIDTH, PREALLOCATE_HEIGHT = 5980, 6430
+
+
+def decoder_args(cfg: DataConfig, decode: str, train: bool) -> dict:
+    """The decoder's device and nvJPEG settings. The paddings are per DALI thread (211 MB of device memory
+    and 2 x 140 MB of pinned host memory each: at 16 threads 3.4 GB and 4.5 GB) and only the training
+    pipeline, which decodes every image of every epoch, gets them, as in NVIDIA's RN50 example. The validation
+    pipeline keeps DALI's defaults (16 MB device, 2 x 8 MB pinned host per thread): it decodes one pass per
+    evaluation, so nvJPEG growing its buffers during the first pass costs little."""
+    if decode != "mixed":
+        return dict(device="cpu")
+    if not train:
+        return dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load)
+    return dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load, device_memory_padding=DEVICE_MEMORY_PADDING,
+                host_memory_padding=HOST_MEMORY_PADDING, preallocate_width_hint=PREALLOCATE_WIDTH,
+                preallocate_height_hint=PREALLOCATE_HEIGHT)
 
 
 def _seed(*parts: int) -> int:
@@ -70,10 +94,10 @@ def _seed(*parts: int) -> int:
     return s
 
 
-@pipeline_def(enable_conditionals=False)
-def _graph(tars, indexes, *, train: bool, gpu: bool, size: int, resize_shorter: int,
-           cfg: DataConfig, shard_id: int, num_shards: int, reader_seed: int, order_seed: int,
-           keys: bool, label_ext: str = "lbl"):
+@pipeline_def(enable_conditionals=True)  # nvidia.dali.auto_aug picks operations with `if`
+def _graph(tars, indexes, *, train: bool, decode: str, augment_gpu: bool, out_type, size: int,
+           resize_shorter: int, cfg: DataConfig, shard_id: int, num_shards: int, reader_seed: int,
+           order_seed: int, keys: bool, label_ext: str = "lbl"):
     reader_args = dict(random_shuffle=True, initial_fill=cfg.shuffle_buffer, seed=reader_seed,
                        shuffle_after_epoch=True, shuffle_after_epoch_seed=order_seed) if train else \
         dict(stick_to_shard=True)
@@ -84,33 +108,35 @@ def _graph(tars, indexes, *, train: bool, gpu: bool, size: int, resize_shorter: 
         missing_component_behavior="error", **reader_args)
     if label_ext == "lblsize":  # adopted shards: the label is the component's byte count - 1 (index_shards)
         labels = labels.shape(dtype=types.INT64) - 1
-    decode_args = dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load,
-                       device_memory_padding=DEVICE_MEMORY_PADDING,
-                       host_memory_padding=HOST_MEMORY_PADDING,
-                       preallocate_width_hint=PREALLOCATE_WIDTH,
-                       preallocate_height_hint=PREALLOCATE_HEIGHT) if gpu else dict(device="cpu")
+    decode_args = decoder_args(cfg, decode, train)
+    to_gpu = augment_gpu and decode == "cpu"  # cpu-decode: the uint8 decoded crop crosses here
     if train:
         images = fn.decoders.image_random_crop(
             jpegs, output_type=types.RGB, random_area=[cfg.min_area, 1.0],
             random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, adjust_orientation=False,
             **decode_args)
+        images = images.gpu() if to_gpu else images
         # Antialiased bilinear, as torchvision's RandomResizedCrop (antialias=True).
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
                            antialias=True)
         mirror = fn.random.coin_flip(probability=0.5)
+        images = dali_auto_augment(images, cfg, size, seed=None)  # RandAugment / TrivialAugment or nothing
         crop = {}
     else:
         images = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False,
                                    **decode_args)
+        images = images.gpu() if to_gpu else images
         resize, crop = _torchvision_resize_crop(
             fn.peek_image_shape(jpegs, adjust_orientation=False), resize_shorter, size)
         images = fn.resize(images, **resize, interp_type=types.INTERP_LINEAR, antialias=True)
         mirror = 0
-    images = fn.crop_mirror_normalize(
-        images, mirror=mirror, mean=[255 * m for m in MEAN], std=[255 * s for s in STD],
-        dtype=types.FLOAT16 if cfg.dtype == "float16" or (cfg.dtype == "bfloat16" and gpu) else types.FLOAT,
-        output_layout="HWC", **crop)
-    outputs = [images, labels.gpu() if gpu else labels]
+    norm = {} if out_type == types.UINT8 else dict(mean=[255 * m for m in MEAN], std=[255 * s for s in STD])
+    images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=out_type, output_layout="HWC", **norm, **crop)
+    if train:  # erased to the mean colour: 0 once normalised, the mean's uint8 value before (normalised on the GPU)
+        images = dali_random_erase(images, cfg, fill=[round(255 * m) for m in MEAN] if norm == {} else 0.0)
+    # With GPU outputs the labels also come out on the host, for the range check in DaliLoader._convert (B int64
+    # per batch; checking the device copy would cost a host sync per step).
+    outputs = [images, labels.gpu(), labels] if augment_gpu else [images, labels]
     if keys:  # tests only: "<tar>:<offset>:<key>.jpg", zero-padded to a dense batch
         outputs.append(fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0))
     return tuple(outputs)
@@ -140,13 +166,63 @@ def _torchvision_resize_crop(shape, short: int, size: int) -> tuple[dict, dict]:
     return resize, crop
 
 
-def use_gpu(cfg: DataConfig, device: torch.device) -> bool:
-    if cfg.dali_device not in ("auto", "gpu", "cpu"):
-        raise ValueError(f"DataConfig.dali_device={cfg.dali_device!r}: expected auto, gpu or cpu")
-    if cfg.dali_device == "gpu" and device.type != "cuda":
-        raise ValueError(f"DataConfig.dali_device='gpu' but the training device is {device}; "
-                         "use dali_device='cpu' (or 'auto') without a GPU")
-    return cfg.dali_device != "cpu" and device.type == "cuda"
+DALI_DEVICES = ("auto", "gpu", "cpu-decode", "cpu")
+
+
+def placement(cfg: DataConfig, device: torch.device) -> tuple[str, bool]:
+    """(decoder device "mixed" | "cpu", whether resize/flip/normalise run on the GPU) for data.dali_device
+    on the training `device` (the table in the module docstring)."""
+    mode = cfg.dali_device
+    if mode not in DALI_DEVICES:
+        raise ValueError(f"DataConfig.dali_device={mode!r}: expected one of {', '.join(DALI_DEVICES)}")
+    if mode in ("gpu", "cpu-decode") and device.type != "cuda":
+        raise ValueError(f"DataConfig.dali_device={mode!r} puts {'decoding and ' if mode == 'gpu' else ''}"
+                         f"resize/flip/normalise on a GPU, but the training device is {device}; use "
+                         "dali_device='cpu' (or 'auto') without a GPU")
+    if mode == "auto":
+        mode = "gpu" if device.type == "cuda" else "cpu"
+    return {"gpu": ("mixed", True), "cpu-decode": ("cpu", True), "cpu": ("cpu", False)}[mode]
+
+
+def output_type(cfg: DataConfig, augment_gpu: bool, device: torch.device):
+    """The DALI dtype the graph emits. On the GPU float16 for bf16/fp16 runs (DALI has no bfloat16; the
+    wrapper casts on the device), else float32. A CPU graph feeding a GPU emits uint8 (a quarter of float32's
+    bytes through the host-to-device copy; normalised there). A CPU graph for CPU training normalises in
+    DALI's threads and emits float32, which torch casts to bf16 twice as fast as float16 (9.8 vs 19.3 ms per
+    64 x 224 px batch on one core here)."""
+    if augment_gpu:
+        return types.FLOAT16 if cfg.dtype in ("float16", "bfloat16") else types.FLOAT
+    if device.type == "cuda":
+        return types.UINT8
+    return types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT
+
+
+def executor_args(gpu_outputs: bool) -> dict:
+    """DALI executor settings: a pipeline with GPU outputs runs DALI's classic executor.
+
+    DALI 2.4's default dynamic executor makes DALIGenericIterator hand out zero-copy DLPack views of DALI's
+    own buffers (nvidia/dali/plugin/pytorch/__init__.py: `copy = not is_exec_dynamic`). When torch drops the
+    last reference, the DLPack deleter returns the buffer to DALI in *DALI's* stream order, while the host has
+    run ahead and torch's kernels that read the batch (the cast, the loss reading the labels, backward reading
+    the first convolution's input) may still be queued on torch's stream: a later batch could overwrite them.
+    DLPack cannot pass the consumer's stream to the deleter (dmlc/dlpack#176); DALI had the same class of bug
+    in its JAX plugin (NVIDIA/DALI#5617).
+
+    With `exec_dynamic=False` the iterator allocates each output with torch (`torch.empty` on the caching
+    allocator, so torch's own stream-ordered lifetime rules apply) and copies into it on torch's current
+    stream (`feed_ndarray(..., cuda_stream=torch.cuda.current_stream())`); DALI's `copy_to_external` makes
+    that stream wait for the data and then makes the source buffer's order wait for the copy
+    (dali/python/backend_impl.cc, CopyToExternalImplGPU: `wait_order.wait(copy_order)`), so DALI cannot
+    recycle its buffer before the copy has run either. Safe by construction, for one device-to-device copy
+    per batch (77 MB at 256 x 224 x 224 x 3 float16: well under a millisecond at H100 bandwidth; not yet
+    measured here). The other fix, keeping each batch's DALI outputs alive until a CUDA event recorded after
+    torch's last use of them has completed, needs the loader to learn when the training step is done with a
+    batch, which the Loader contract does not tell it.
+
+    CPU-only pipelines keep the dynamic executor: their outputs are host memory that torch's CPU operators are
+    done with when they return, and a copy to a GPU from pageable host memory has staged its source before it
+    returns."""
+    return {"exec_dynamic": False} if gpu_outputs else {}
 
 
 class DaliLoader:
@@ -157,7 +233,8 @@ class DaliLoader:
         self.rank, self.world, self.device = dist.rank, dist.world_size, torch.device(dist.device)
         self.manifest, self.split = load_split(cfg.path, split)
         self.classes = self.manifest.classes
-        self.gpu = use_gpu(cfg, self.device)
+        self.decode, self.gpu = placement(cfg, self.device)  # gpu: the pipeline's outputs are on the GPU
+        self.out_type = output_type(cfg, self.gpu, self.device)
         self.dtype = torch_dtype(cfg.dtype)
         self.drop_last = train and cfg.drop_last
         self.resolution = cfg.resolution if train else cfg.val_resolution
@@ -176,6 +253,9 @@ class DaliLoader:
         self._pipe = self._iter = None
         self._first_epoch = self._epochs_done = 0  # of the current pipeline
         self._built_resolution = None
+        self.pos = Position("dali", world=w, rank=self.rank, batch=b, drop_last=self.drop_last, seed=cfg.seed,
+                            samples=n)
+        self._left_at: dict | None = None  # the DALI checkpoint of a pipeline left mid-epoch (stop, step cap)
 
     # --- contract ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -197,13 +277,50 @@ class DaliLoader:
             raise ValueError("set_resolution is for training loaders; validation uses cfg.val_resolution")
         self.resolution = int(px)
 
+    def state_dict(self) -> dict:
+        """The position plus DALI's own checkpoint of the pipeline at that point (reader positions, shuffle
+        buffers, every random generator: `enable_checkpointing`), and what the pipeline was built with."""
+        extra = {"dali": b"", "built_epoch": self._first_epoch, "resolution": self._built_resolution or 0}
+        if self._left_at is not None and (self._left_at["epoch"], self._left_at["done"]) == \
+                (self.pos.epoch, self.pos.done):
+            extra.update(dali=self._left_at["dali"], built_epoch=self._left_at["built_epoch"],
+                         resolution=self._left_at["resolution"])
+        elif self._iter is not None and self.train:
+            extra["dali"] = self._checkpoint()
+        return self.pos.state_dict(**extra)
+
+    def load_state_dict(self, state: dict) -> str:
+        """Same ranks and batch size: the pipeline is rebuilt from DALI's checkpoint, so the epoch continues
+        with exactly the samples and augmentations the interrupted run would have produced next. DALI's
+        checkpoint restores only an identical pipeline, so with other ranks or batch size the epoch restarts."""
+        return self.pos.load(state, elastic=False)
+
+    def position(self) -> tuple[int, int]:
+        resume = self.pos.resume_for(self.epoch)
+        start = resume[1] if resume else 0
+        return start, self._len - start
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # Validation reads the same samples in the same order every pass: its pipeline is kept (rebuilding
-        # it for each evaluation redid the decoder's start-up every epoch).
-        if (self._iter is None or self._built_resolution != self.resolution
-                or (self.train and self.epoch != self._first_epoch + self._epochs_done)):
-            self._build()
-        yield from self._epoch_batches()
+        resume = self.pos.pending if self.pos.resume_for(self.epoch) else None
+        _, start = self.pos.begin(self.epoch)
+        self.pos.end = self._len
+        try:  # the iterator runs the first batches when it is built: a bad sample can fail already
+            if resume is not None and resume.get("dali") and int(resume["resolution"]) == self.resolution:
+                self._build(checkpoint=resume["dali"], built_epoch=int(resume["built_epoch"]))
+            elif resume is not None:  # made at another resolution: the uninterrupted run rebuilt here too
+                self.pos.done = start = 0
+                self._build()
+            # Validation reads the same samples in the same order every pass: its pipeline is kept (rebuilding
+            # it for each evaluation redid the decoder's start-up every epoch).
+            elif (self._iter is None or self._built_resolution != self.resolution
+                    or (self.train and self.epoch != self._first_epoch + self._epochs_done)):
+                self._build()
+        except RuntimeError as e:
+            self._iter = self._pipe = None
+            if (why := self._explain(e)) is None:
+                raise
+            raise RuntimeError(why) from e
+        yield from self._epoch_batches(start)
 
     # --- internals ----------------------------------------------------------------------------
     def _share(self) -> tuple[int, int]:
@@ -211,31 +328,56 @@ class DaliLoader:
         n, w, r = self.split.num_samples, self.world, self.rank
         return n * r // w, n * (r + 1) // w
 
-    def _build(self) -> None:
-        self._iter = self._pipe = None  # free the old pipeline (and its GPU buffers) first
+    def _free(self) -> None:
+        """Shut the pipeline down now (DALI's own teardown, what Pipeline.__del__ runs), so its nvJPEG
+        buffers (device and pinned host, per thread) are released before another pipeline allocates its own,
+        not whenever Python collects the old objects."""
+        if self._pipe is not None:
+            self._pipe._shutdown()
+        self._iter = self._pipe = None
+
+    def _build(self, checkpoint: bytes | None = None, built_epoch: int | None = None) -> None:
+        """A pipeline seeded by (seed, epoch) whose stream starts at this epoch; or, from `checkpoint`, the
+        pipeline first built at `built_epoch` (same seeds) restored to where its checkpoint was taken."""
+        self._free()  # the old pipeline's buffers go before the new one's are allocated
+        self._left_at = None
         cfg, size = self.cfg, self.resolution
+        first = self.epoch if built_epoch is None else built_epoch
         pipe = _graph(
-            self.split.tars, self.split.indexes, train=self.train, gpu=self.gpu, size=size,
+            self.split.tars, self.split.indexes, train=self.train, decode=self.decode,
+            augment_gpu=self.gpu, out_type=self.out_type, size=size,
             resize_shorter=int(cfg.val_resolution / cfg.val_resize_ratio), cfg=cfg,
             shard_id=self.rank, num_shards=self.world,
-            reader_seed=_seed(cfg.seed, self.epoch, self.rank), order_seed=_seed(cfg.seed, self.epoch),
-            keys=self.keys, batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
-            label_ext=self.manifest.label_ext,
+            reader_seed=_seed(cfg.seed, first, self.rank), order_seed=_seed(cfg.seed, first),
+            keys=self.keys, label_ext=self.manifest.label_ext, batch_size=cfg.batch_size,
+            num_threads=max(1, cfg.workers),
             device_id=(self.device.index or 0) if self.gpu else None,
-            prefetch_queue_depth=cfg.prefetch, seed=_seed(cfg.seed, self.epoch, self.rank, 1))
+            prefetch_queue_depth=cfg.prefetch, seed=_seed(cfg.seed, first, self.rank, 1),
+            enable_checkpointing=self.train, checkpoint=checkpoint or None, **executor_args(self.gpu))
         pipe.build()
-        names = ["images", "labels"] + (["keys"] if self.keys else [])
+        names = ["images", "labels"] + (["host_labels"] if self.gpu else []) + (["keys"] if self.keys else [])
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         self._pipe = pipe
         self._iter = DALIGenericIterator([pipe], names, reader_name="Reader",
                                          last_batch_policy=policy, auto_reset=False)
-        self._first_epoch, self._epochs_done = self.epoch, 0
+        self._first_epoch, self._epochs_done = first, self.epoch - first
         self._built_resolution = size
+
+    def _checkpoint(self) -> bytes:
+        return self._iter.checkpoints()[0]  # serialized protobuf (a few hundred bytes)
 
     def _convert(self, out: dict):
         # NHWC -> NCHW view: the memory is already channels-last, so this is free.
         images = out["images"].permute(0, 3, 1, 2)
-        images = images.to(self.device, self.dtype, non_blocking=True)
+        if images.dtype == torch.uint8:  # dali_device=cpu feeding a GPU: normalise there
+            images = normalise(images.to(self.device, non_blocking=True), self.dtype)
+        else:
+            images = images.to(self.device, self.dtype, non_blocking=True)
+        # An out-of-range label would make cross_entropy fail naming no sample (on a GPU: a device-side assert
+        # that ends the process), so it is checked first: one comparison over the batch's labels on the host.
+        host = out["host_labels" if self.gpu else "labels"]
+        if bool(((host < 0) | (host >= len(self.classes))).any()):
+            raise self._label_error(host)
         labels = out["labels"].reshape(-1).to(self.device, non_blocking=True)
         if not self.keys:
             return images, labels
@@ -243,26 +385,39 @@ class DaliLoader:
                 for k in out["keys"]]
         return images, labels, keys
 
-    def _epoch_batches(self):
+    def _epoch_batches(self, yielded: int = 0):
         start, stop = self._share()
         b = self.cfg.batch_size
         # This rank's real batches; fewer than len(self) only in the empty-trailing-batch case.
         mine = self._len if self.drop_last else math.ceil((stop - start) / b)
-        yielded, finished = 0, False
+        finished = False
         try:
             for out in self._iter:
                 batch = self._convert(out[0])
                 n = batch[1].shape[0]
-                if yielded == self._len or n == 0:
-                    continue  # DALI's all-padding batch, or (drop_last) batches past the end: drain
+                if n == 0:
+                    continue  # DALI's all-padding batch
+                pieces = [batch]
                 if mine < self._len and yielded == mine - 1:
                     # Split the last full batch so this rank also yields len(self) batches.
                     half = (n + 1) // 2
-                    yield tuple(x[:half] for x in batch)
-                    batch = tuple(x[half:] for x in batch)
+                    pieces = [tuple(x[:half] for x in batch), tuple(x[half:] for x in batch)]
+                for piece in pieces:
+                    if yielded + 1 == self._len:
+                        # The epoch's last batch: run DALI's iterator to its end (padding, or with drop_last
+                        # the batches past it) and reset it before handing the batch out, so the next epoch
+                        # continues the stream instead of rebuilding the pipeline, whether or not the
+                        # consumer asks for another batch. Its tensors are the iterator's new ones.
+                        for _ in self._iter:
+                            pass
+                        self._iter.reset()
+                        self._epochs_done += 1
+                        finished = True
                     yielded += 1
-                yield batch
-                yielded += 1
+                    self.pos.step()
+                    yield piece
+                if finished:
+                    break
             finished = True
         except RuntimeError as e:
             why = self._explain(e)
@@ -270,14 +425,37 @@ class DaliLoader:
                 raise
             raise RuntimeError(why) from e
         finally:
-            if finished:
-                self._iter.reset()
-                self._epochs_done += 1
-            else:  # loop left mid-epoch (break, error): DALI cannot rewind, start afresh next time
-                self._iter = self._pipe = None
+            if not finished:  # loop left mid-epoch (stop, step cap, error): keep DALI's checkpoint of this point
+                self._left_at = None
+                if self._iter is not None and self.train:
+                    try:
+                        self._left_at = {"epoch": self.pos.epoch, "done": self.pos.done, "dali": self._checkpoint(),
+                                         "built_epoch": self._first_epoch, "resolution": self._built_resolution}
+                    except RuntimeError:
+                        pass  # the pipeline failed: nothing to resume from but the epoch's start
+                self._free()  # DALI cannot rewind: start afresh (or from that checkpoint)
         if yielded != self._len:
             raise RuntimeError(f"DALI yielded {yielded} batches on rank {self.rank}, expected "
                                f"{self._len}: ranks would fall out of step (please report this)")
+
+    def _label_error(self, labels: torch.Tensor):
+        """The error for a batch holding a label outside [0, classes): DALI does not say which sample it read,
+        so the split's labels are searched (this rank's range first), as for an undecodable sample."""
+        n = len(self.classes)
+        value = int(labels[(labels < 0) | (labels >= n)].reshape(-1)[0])
+        found = find_label_outside(self._search_order(), n, budget_s=SEARCH_BUDGET_S,
+                                       label_ext=self.manifest.label_ext)
+        if found:
+            return label_outside(found[2], n, found[1], found[0])
+        return ManifestError(f"a batch of split {self.split_name!r} holds label {value}, outside [0, {n}) for the "
+                             f"{n} classes of {self.manifest.root / 'manifest.json'}; the sample was not found "
+                             f"within {SEARCH_BUDGET_S:.0f} s. Run `imt-verify-shards {self.manifest.root}`, then "
+                             "remake the shards with `imt-make-shards`")
+
+    def _search_order(self):
+        """The split's shards, this rank's own range first: where a bad sample of its batch most likely is."""
+        first = self.rank * len(self.split.shards) // self.world
+        return self.split.shards[first:] + self.split.shards[:first]
 
     def _explain(self, e: RuntimeError) -> str | None:
         """A message that says what to do, or None to let the error through as it is."""
@@ -286,13 +464,15 @@ class DaliLoader:
             return (f"DALI ran out of memory on rank {self.rank}: lower --batch-size (per GPU), or "
                     f"data.prefetch ({self.cfg.prefetch}), or the hardware decoder's share "
                     f"(data.hw_decoder_load={self.cfg.hw_decoder_load}).\nDALI said:\n{e}")
-        if "decoders." not in said and "codec" not in said.lower():
-            return None  # not raised by a decoder: nothing to look for in the shards
+        if _MISSING_LIBRARY.search(said):  # no sample is at fault: searching the shards would only delay this
+            return (f"DALI could not load a library it needs (its decoders use nvImageCodec, and nvJPEG on the "
+                    f"GPU): install the one named below for DALI's CUDA version, e.g. `pip install "
+                    f"nvidia-nvimgcodec-cu12` (-cu13 for DALI's CUDA 13 build).\nDALI said:\n{e}")
+        if "decoders." not in said or not _DECODE_FAILURE.search(said):
+            return None  # not a decoder failing on its input: nothing to look for in the shards
         # DALI reports "nvImageCodec failure" without naming the sample, and its shuffle buffer
         # hides which one it was, so look for it: this rank's own range first.
-        first = self.rank * len(self.split.shards) // self.world
-        order = self.split.shards[first:] + self.split.shards[:first]
-        found = find_undecodable(order, budget_s=SEARCH_BUDGET_S)
+        found = find_undecodable(self._search_order(), budget_s=SEARCH_BUDGET_S)
         where = (f"sample {found[1]} in {found[0]} does not decode ({found[2]})" if found else
                  f"no undecodable sample found within {SEARCH_BUDGET_S:.0f} s of searching the "
                  f"{len(self.split.shards)} shards of split {self.split_name!r}")
@@ -302,8 +482,40 @@ class DaliLoader:
 
 
 SEARCH_BUDGET_S = 120.0  # time spent naming the bad sample after a decode failure
+# A decoder rejecting its input (what a bad sample causes), e.g. "nvImageCodec failure: '#3'" from DALI 2.4's
+# CPU decoder on a corrupt JPEG (seen here); other errors raised in a decoder (CUDA errors, arguments) are not.
+_DECODE_FAILURE = re.compile(r"nvImageCodec failure|nvjpeg.{0,20}(error|status)|failed to decode|cannot decode|"
+                             r"could not decode|unsupported (image|format|jpeg)|corrupt|invalid (jpeg|marker|image)",
+                             re.IGNORECASE)
+# Libraries that did not load: DALI's "dlopen libnvimgcodec.so failed!. Please install nvimagecodec ..."
+# (dali/nvimgcodec/nvimgcodec_wrap.cc), the loader's own "cannot open shared object file", a too-old version.
+_MISSING_LIBRARY = re.compile(r"dlopen|cannot open shared object|please install|could not load (the )?librar|"
+                              r"failed to load (the )?librar|undefined symbol|requires nvimagecodec|"
+                              r"nvimagecodec.{0,40}(version|not (found|available|installed))", re.IGNORECASE)
 _OUT_OF_MEMORY = re.compile(r"out of memory|cudaErrorMemoryAllocation|bad_alloc|CUDA_ERROR_OUT_OF_MEMORY",
                             re.IGNORECASE)
+
+
+def find_label_outside(shards, num_classes: int, budget_s: float,
+                       label_ext: str = "lbl") -> tuple[str, str, int] | None:
+    """(tar, key, label) of the first sample whose label is outside [0, num_classes), read through the
+    index (adopted shards, label_ext "lblsize": the component's size - 1); None if none is found within
+    budget_s seconds."""
+    import time
+
+    deadline = time.monotonic() + budget_s
+    for shard in shards:
+        index = read_index(shard.index)
+        with open(shard.tar, "rb") as tar:
+            for i in range(len(index)):
+                sample = index.sample(i)
+                (offset, size, _), name = sample[label_ext], sample["jpg"][2]
+                label = read_label(tar, offset) if label_ext == "lbl" else size - 1
+                if not 0 <= label < num_classes:
+                    return str(shard.tar), name.rsplit(".", 1)[0], label
+                if time.monotonic() > deadline:
+                    return None
+    return None
 
 
 def find_undecodable(shards, budget_s: float) -> tuple[str, str, str] | None:
@@ -315,9 +527,10 @@ def find_undecodable(shards, budget_s: float) -> tuple[str, str, str] | None:
 
     deadline = time.monotonic() + budget_s
     for shard in shards:
+        index = read_index(shard.index)
         with open(shard.tar, "rb") as tar:
-            for sample in read_index(shard.index):
-                offset, size, name = sample["jpg"]
+            for i in range(len(index)):
+                offset, size, name = index.sample(i)["jpg"]
                 tar.seek(offset)
                 data = torch.frombuffer(bytearray(tar.read(size)), dtype=torch.uint8)
                 try:

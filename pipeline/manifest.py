@@ -10,13 +10,30 @@ inside DALI or webdataset.
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 FORMAT = "imt-shards"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
 INDEX_VERSION = "v1.2"  # first token of a DALI wds2idx index file
+SHARD_DIGITS = 6
+
+
+def shard_stem(split: str, n: int) -> str:
+    """`train-000012`: the name of shard n of a split, without `.tar` / `.idx` (the one definition)."""
+    return f"{split}-{n:0{SHARD_DIGITS}d}"
+
+
+def shard_stem_pattern(split: str) -> str:
+    """A regular expression matching every `shard_stem(split, n)`."""
+    return rf"{re.escape(split)}-\d{{{SHARD_DIGITS}}}"
+
+
 PROGRESS_NAME = ".imt-progress.json"  # tools/make_shards.py's record of an unfinished run
 # How a sample's label is found through its index line (Manifest.label_ext): "lbl", our shards' member
 # holding the label as one little-endian int64; "lblsize", adopted shards (tools/index_shards.py), whose
@@ -91,21 +108,70 @@ def read_index_count(path: Path) -> int:
     return int(head[1])
 
 
-def read_index(path: Path) -> list[dict[str, tuple[int, int, str]]]:
-    """The samples of a wds2idx v1.2 index, in order: {ext: (data offset, size, member name)} each."""
-    with open(path) as f:
-        read_index_count(path)
-        next(f)
-        out = []
-        for line in f:
-            if not line.strip():
-                continue
-            p = line.split()
-            if len(p) % 4:
-                raise ManifestError(f"{path}: malformed index line {line.strip()!r}")
-            out.append({ext: (int(off), int(size), name) for ext, off, size, name in
-                        zip(p[0::4], p[1::4], p[2::4], p[3::4])})
-    return out
+Component = tuple[int, int, str]  # (data offset in the tar, size in bytes, member name) of one file of a sample
+
+
+@dataclass(frozen=True)
+class Index:
+    """A parsed wds2idx index: one line per sample, `<ext> <offset> <size> <name>` per component, the same
+    components in the same order on every line (as make_shards writes them). Offsets and sizes are arrays, so
+    checking ImageNet's 1.28 M lines is a few vector operations, not a Python loop per line."""
+    path: Path
+    count: int                   # the header's sample count (callers compare it with len(self))
+    exts: tuple[str, ...]        # component extensions, in line order
+    offsets: np.ndarray          # int64 (samples, components): data offsets in the tar
+    sizes: np.ndarray            # int64 (samples, components)
+    names: list[str]             # member names, row-major (samples x components)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def column(self, ext: str) -> int:
+        if ext not in self.exts:
+            raise ManifestError(f"{self.path}: samples have no .{ext} component (they have "
+                                f"{', '.join(self.exts) or 'none'}); remake the shards with imt-make-shards")
+        return self.exts.index(ext)
+
+    def sample(self, i: int) -> dict[str, Component]:
+        """{ext: (offset, size, name)} of sample i, in line order."""
+        c = len(self.exts)
+        return {e: (int(self.offsets[i, k]), int(self.sizes[i, k]), self.names[i * c + k])
+                for k, e in enumerate(self.exts)}
+
+
+def read_index(path: Path) -> Index:
+    """The one reader of index files (loaders, imt-verify-shards, benchmarks). ManifestError naming the file
+    and line for a bad header, a malformed line or lines with other components than the first."""
+    path = Path(path)
+    head, _, body = path.read_text(encoding="utf-8", errors="replace").partition("\n")
+    head_f = head.split()
+    if len(head_f) != 2 or head_f[0] != INDEX_VERSION or not head_f[1].isdigit():
+        raise ManifestError(f"{path}: not a DALI {INDEX_VERSION} index file (header {head_f!r})")
+    tokens = body.split()
+    first = body.lstrip().split("\n", 1)[0].split()
+    width, exts = len(first), tuple(first[0::4])
+    rows = len(tokens) // width if width else 0
+    uniform = (width % 4 == 0 and len(tokens) == width * rows  # then the count check below settles it
+               and all(tokens[k::width].count(exts[k // 4]) == rows for k in range(0, width, 4)))
+    if width and not uniform:  # name the first line that differs (the slow way; only on this error)
+        for n, line in enumerate(body.splitlines(), 2):
+            f = line.split()
+            if f and (len(f) != width or width % 4 or tuple(f[0::4]) != exts):
+                raise ManifestError(f"{path} line {n}: {line.strip()[:200]!r} is not `<ext> <offset> <size> <name>` "
+                                    f"for each of the components of the first line ({', '.join(exts)}); remake the "
+                                    "shards with imt-make-shards")
+        raise ManifestError(f"{path}: lines hold different numbers of fields; remake the shards with imt-make-shards")
+    c = len(exts)
+    if not rows:
+        return Index(path, int(head_f[1]), exts, np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64), [])
+    try:
+        offsets = np.array([tokens[k + 1::width] for k in range(0, width, 4)], dtype=np.int64).T.reshape(-1, c)
+        sizes = np.array([tokens[k + 2::width] for k in range(0, width, 4)], dtype=np.int64).T.reshape(-1, c)
+    except ValueError:
+        raise ManifestError(f"{path}: an offset or size is not a number; remake the shards with imt-make-shards"
+                            ) from None
+    names = tokens[3::4]
+    return Index(path, int(head_f[1]), exts, offsets, sizes, names)
 
 
 def _check_shard(shard: Shard, root: Path) -> None:
@@ -119,9 +185,26 @@ def _check_shard(shard: Shard, root: Path) -> None:
                             f"{shard.num_samples}; {_remake_hint(root)}")
 
 
-def _parse_split(name: str, d: dict, root: Path, where: Path) -> Split:
+def _inside(root: Path, name: object, where: Path, tars: Path | None = None) -> Path:
+    """`root / name` for a file name the manifest lists; a path that leaves the folder (absolute, or with
+    `..`) is refused: a tampered manifest must not make the loaders read files elsewhere. `tars`: the folder
+    of the user's tars that an adopted data set (tools/index_shards.py --out elsewhere) lists relative to
+    root; a tar path may lead there, and nowhere else."""
+    rel = Path(str(name))
+    if tars is not None and not rel.is_absolute() and rel.parts:
+        target = Path(os.path.normpath(root / rel))
+        if target.is_relative_to(os.path.normpath(tars)) or target.is_relative_to(os.path.normpath(root)):
+            return root / rel
+    elif not (rel.is_absolute() or ".." in rel.parts or not rel.parts):
+        return root / rel
+    raise ManifestError(f"{where}: lists {str(name)!r}, a path outside {root}"
+                        + (f" and {tars}" if tars is not None else "") + "; a manifest lists files inside "
+                        f"its own folder only. It was edited or is not ours: {_remake_hint(root)}")
+
+
+def _parse_split(name: str, d: dict, root: Path, where: Path, tars: Path | None = None) -> Split:
     try:
-        shards = tuple(Shard(tar=root / s["file"], index=root / s["index"],
+        shards = tuple(Shard(tar=_inside(root, s["file"], where, tars), index=_inside(root, s["index"], where),
                              num_samples=int(s["num_samples"]), sha256=str(s["sha256"]))
                        for s in d["shards"])
         split = Split(name=name, num_samples=int(d["num_samples"]), shards=shards,
@@ -160,14 +243,23 @@ def load_manifest(root: str | Path, *, check_files: bool = True) -> Manifest:
                             f"{_remake_hint(root)}")
     try:
         classes = tuple(str(c) for c in d["classes"])
-        splits = {name: _parse_split(name, s, root, where) for name, s in d["splits"].items()}
         settings = dict(d.get("settings", {}))
+        source = settings.get("adopted", {}).get("source") if isinstance(settings.get("adopted"), dict) else None
+        tars = Path(source) if source else None  # an adopted data set's tars (tools/index_shards.py)
+        splits = {name: _parse_split(name, s, root, where, tars) for name, s in d["splits"].items()}
         label_ext = str(d.get("label_ext", "lbl"))
     except (KeyError, TypeError, AttributeError) as e:
         raise ManifestError(f"{where}: malformed ({e!r}); {_remake_hint(root)}") from e
     if label_ext not in LABEL_EXTS:
         raise ManifestError(f"{where}: label_ext {label_ext!r}, this code reads {', '.join(LABEL_EXTS)}; "
                             f"{_remake_hint(root)}")
+    seen: dict[Path, str] = {}
+    for split in splits.values():  # one file read twice would count its samples twice (or leak train into val)
+        for p in (path for shard in split.shards for path in (shard.tar, shard.index)):
+            if p in seen:
+                raise ManifestError(f"{where}: {p.name} is listed twice (in split {seen[p]!r} and in split "
+                                    f"{split.name!r}); {_remake_hint(root)}")
+            seen[p] = split.name
     if check_files:
         for split in splits.values():
             for shard in split.shards:

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from .common import torch_dtype
+from .common import Position, torch_dtype
 from .config import DataConfig
 
 DEFAULT_BATCHES = 50  # per epoch when cfg.synthetic_samples == 0
@@ -29,6 +29,8 @@ class SyntheticLoader:
             raise ValueError(f"synthetic_samples={cfg.synthetic_samples} is less than one batch of "
                              f"{cfg.batch_size} with drop_last: raise it or lower the batch size")
         self.epoch = 0
+        self.pos = Position("synthetic", world=1, rank=rank, batch=cfg.batch_size, drop_last=train and cfg.drop_last,
+                            seed=cfg.seed, samples=self.num_samples)
         self._make(cfg.resolution if train else cfg.val_resolution)
 
     def _make(self, px: int) -> None:
@@ -44,11 +46,25 @@ class SyntheticLoader:
         return math.ceil(self.num_samples / self.cfg.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        left = self.num_samples
+        _, start = self.pos.begin(self.epoch)
+        self.pos.end = len(self)
+        left = self.num_samples - start * self.cfg.batch_size
         while left > 0:
             n = min(left, self.cfg.batch_size)
             left -= n
+            self.pos.step()
             yield self.images[:n], self.labels[:n]
+
+    def state_dict(self) -> dict:
+        return self.pos.state_dict()
+
+    def load_state_dict(self, state: dict) -> str:
+        return self.pos.load(state, elastic=False)
+
+    def position(self) -> tuple[int, int]:
+        resume = self.pos.resume_for(self.epoch)
+        start = resume[1] if resume else 0
+        return start, len(self) - start
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch  # nothing to reshuffle: the data carries no information

@@ -32,9 +32,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
-from .common import MEAN, STD, load_split, num_batches, rank_batches, torch_dtype
+from .augment import torch_transforms
+from .common import (Position, epoch_plan, label_outside, load_split, normalise, num_batches,
+                     read_label, torch_dtype)
 from .config import DataConfig
-from .manifest import read_index
+from .manifest import MANIFEST_NAME, ManifestError, read_index
+from .orphans import exit_with_parent
 
 
 def _seed(*parts: int) -> int:
@@ -47,16 +50,18 @@ def _seed(*parts: int) -> int:
 class ShardSource:
     """Random access to the samples of one split's shards through their index files."""
 
-    def __init__(self, split, label_ext: str = "lbl"):
+    def __init__(self, split, num_classes: int, label_ext: str = "lbl"):
+        self.num_classes = num_classes
         # shard, offset, size, label's offset (an int64 there) or -1 - label (adopted: label from the index), key
         self.entries: list[tuple[int, int, int, int, str]] = []
         self.tars = [str(s.tar) for s in split.shards]
         for si, shard in enumerate(split.shards):
-            for comp in read_index(shard.index):
-                off, size, name = comp["jpg"]
-                lbl_off, lbl_size, _ = comp[label_ext]
-                self.entries.append((si, off, size, lbl_off if label_ext == "lbl" else -lbl_size,
-                                     name.rsplit(".", 1)[0]))
+            index = read_index(shard.index)
+            jpg, lbl, c = index.column("jpg"), index.column(label_ext), len(index.exts)
+            labels = index.offsets[:, lbl] if label_ext == "lbl" else -index.sizes[:, lbl]  # size = label + 1
+            columns = (index.offsets[:, jpg].tolist(), index.sizes[:, jpg].tolist(), labels.tolist())
+            for i, (off, size, lbl_off) in enumerate(zip(*columns)):
+                self.entries.append((si, off, size, lbl_off, index.names[i * c + jpg].rsplit(".", 1)[0]))
         self._files: dict[int, object] = {}  # opened lazily, per worker process
         self._labels: dict[int, int] = {}
 
@@ -69,11 +74,9 @@ class ShardSource:
     def read(self, i: int) -> tuple[torch.Tensor, int]:
         si, off, size, lbl_off, key = self.entries[i]
         f = self._files.get(si) or self._files.setdefault(si, open(self.tars[si], "rb"))
-        if lbl_off < 0:
-            label = -1 - lbl_off
-        else:
-            f.seek(lbl_off)
-            label = int.from_bytes(f.read(8), "little", signed=True)
+        label = -1 - lbl_off if lbl_off < 0 else read_label(f, lbl_off)
+        if not 0 <= label < self.num_classes:  # per sample, in the worker: names it before the loss fails
+            raise label_outside(label, self.num_classes, key, self.tars[si])
         f.seek(off)
         data = torch.frombuffer(bytearray(f.read(size)), dtype=torch.uint8)
         try:
@@ -95,19 +98,24 @@ class FolderSource:
     def __init__(self, root: Path, classes_root: Path | None = None):
         from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+        # ManifestError (a ValueError), as for shards: the trainer's CLI prints its message without a traceback.
+        if (root.parent / MANIFEST_NAME).is_file():  # `--loader folder` given a shard folder
+            raise ManifestError(f"{root.parent} holds shards ({MANIFEST_NAME}), not an ImageFolder tree: read it "
+                                "with --loader dali or --loader torch (--loader folder reads "
+                                "<path>/<split>/<class>/*.JPEG)")
         for folder in (root, classes_root):
             if folder is not None and not folder.is_dir():
-                raise FileNotFoundError(f"{folder}: no such folder (loader='folder' reads "
-                                        f"<path>/<split>/<class>/*.JPEG)")
+                raise ManifestError(f"{folder}: no such folder (loader='folder' reads "
+                                    f"<path>/<split>/<class>/*.JPEG)")
         self.classes, class_to_idx = find_classes(str(classes_root or root))
         unknown = sorted(set(find_classes(str(root))[0]) - set(self.classes))
         if unknown:
-            raise ValueError(f"{root} has class folders that {classes_root} lacks ({', '.join(unknown[:5])}"
+            raise ManifestError(f"{root} has class folders that {classes_root} lacks ({', '.join(unknown[:5])}"
                              f"{', ...' if len(unknown) > 5 else ''}): the model cannot predict them. Add them "
                              "to the training split or remove them here")
         self.samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
         if not self.samples:
-            raise FileNotFoundError(f"{root} holds no image files ({', '.join(IMG_EXTENSIONS)})")
+            raise ManifestError(f"{root} holds no image files ({', '.join(IMG_EXTENSIONS)})")
         self.root = root
 
     def __len__(self) -> int:
@@ -129,17 +137,9 @@ def _transform(train: bool, px: int, cfg: DataConfig):
     if train:
         return v2.Compose([v2.RandomResizedCrop(px, scale=(cfg.min_area, 1.0), ratio=(3 / 4, 4 / 3),
                                                 antialias=True),
-                           v2.RandomHorizontalFlip()])
+                           v2.RandomHorizontalFlip(), *torch_transforms(cfg)])
     return v2.Compose([v2.Resize(int(cfg.val_resolution / cfg.val_resize_ratio), antialias=True),
                        v2.CenterCrop(cfg.val_resolution)])
-
-
-def normalise(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 N x 3 x H x W (any layout) -> normalised `dtype`, channels-last, on images' device."""
-    x = images.contiguous(memory_format=torch.channels_last).float()
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255)
-    return x.sub_(mean).mul_(inv_std).to(dtype)
 
 
 class _Batches(IterableDataset):
@@ -149,32 +149,52 @@ class _Batches(IterableDataset):
                  normalise_to: torch.dtype | None, keys: bool):
         self.source, self.cfg, self.train, self.rank, self.world = source, cfg, train, rank, world
         self.normalise_to, self.keys = normalise_to, keys
-        # Shared with the workers (persistent or not): written by set_epoch / set_resolution.
+        # Shared with the workers (persistent or not): written by set_epoch / set_resolution, and by the
+        # loader before each epoch's iteration: where it starts (earlier runs' segments, first batch).
         self.epoch = mp.Value("q", 0, lock=False)
         self.resolution = mp.Value("q", cfg.resolution if train else cfg.val_resolution, lock=False)
+        self.start = mp.Value("q", 0, lock=False)
+        self.segments = mp.Array("q", 1 + 3 * MAX_SEGMENTS, lock=False)  # count, then (world, batch, done)...
 
-    def plan(self, epoch: int) -> list[list[int]]:
+    def order(self, epoch: int) -> list[int]:
+        """The epoch's sample order, the same on every rank: a function of (seed, epoch) for training."""
         n = len(self.source)
-        if self.train:
-            g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch))
-            order = torch.randperm(n, generator=g).tolist()
-        else:
-            order = list(range(n))
-        return rank_batches(order, self.world, self.rank, self.cfg.batch_size,
-                            self.train and self.cfg.drop_last)
+        if not self.train:
+            return list(range(n))
+        g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch))
+        return torch.randperm(n, generator=g).tolist()
+
+    def plan(self, epoch: int, segments=()) -> list[list[int]]:
+        return epoch_plan(self.order(epoch), self.world, self.rank, self.cfg.batch_size,
+                          self.train and self.cfg.drop_last, segments)
+
+    def set_start(self, segments: list, start: int) -> None:
+        if len(segments) > MAX_SEGMENTS:
+            raise ValueError(f"an epoch resumed {len(segments)} times on other ranks or batch sizes: at most "
+                             f"{MAX_SEGMENTS} are kept; let this epoch finish on the same ranks")
+        flat = [len(segments)] + [int(x) for seg in segments for x in seg]
+        self.segments[:len(flat)] = flat
+        self.start.value = start
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        epoch, px = self.epoch.value, self.resolution.value
+        epoch, px, start = self.epoch.value, self.resolution.value, self.start.value
+        count = self.segments[0]
+        segments = [tuple(self.segments[1 + 3 * i: 4 + 3 * i]) for i in range(count)]
         tf = _transform(self.train, px, self.cfg)
-        for b, idx in enumerate(self.plan(epoch)):
-            if b % nw != wid:
+        plan = self.plan(epoch, segments)
+        # Batch b's augmentation seed is (seed, epoch, rank, b): the same whether the epoch runs through or
+        # resumes at batch `start`, so a resumed epoch is bitwise the uninterrupted one (skipped batches are
+        # never read). A plan re-split after a change of ranks adds its segment count to the seed.
+        for b in range(start, len(plan)):
+            if (b - start) % nw != wid:
                 continue
+            idx = plan[b]
             # The transforms draw from torch's global RNG. With workers=0 they run in the training process:
             # fork it, or seeding each batch would reset the trainer's RNG (and what its checkpoints save).
             with torch.random.fork_rng(devices=[], enabled=info is None):
-                torch.manual_seed(_seed(self.cfg.seed, epoch, self.rank, b))
+                torch.manual_seed(_seed(self.cfg.seed, epoch, self.rank, b, *([count] if count else [])))
                 images, labels = [], []
                 for i in idx:
                     img, label = self.source.read(i)
@@ -189,13 +209,24 @@ class _Batches(IterableDataset):
 
 def _worker_context():
     """The forkserver imports torch and this module once; each worker is then a cheap fork of it
-    (without the preload every worker imported torch itself: the pipeline tests took 100 s instead of 30)."""
+    (without the preload every worker imported torch itself: the pipeline tests took 100 s instead of 30).
+    It also imports _forkserver_preload, which makes it end when the trainer dies (kill -9 included)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torchvision", __name__])
+    ctx.set_forkserver_preload(["torch", "torchvision", __name__, "imt.pipeline._forkserver_preload"])
     return ctx
 
 
+def _init_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: the worker ends when its parent, the forkserver, does (pipeline.orphans)."""
+    exit_with_parent()
+
+
+MAX_SEGMENTS = 16  # resumes of one epoch on another number of ranks or batch size
+
+
 class _TorchLoader:
+    kind = "torch"
+
     def __init__(self, source, classes, cfg: DataConfig, dist, *, train: bool, keys: bool = False):
         self.cfg, self.train = cfg, train
         self.device, self.dtype = torch.device(dist.device), torch_dtype(cfg.dtype)
@@ -209,6 +240,8 @@ class _TorchLoader:
         self.dataset = _Batches(source, cfg, train=train, rank=dist.rank, world=w,
                                 normalise_to=self.dtype if on_cpu else None, keys=keys)
         self.num_samples = sum(len(x) for x in self.dataset.plan(0))
+        self.pos = Position(self.kind, world=w, rank=dist.rank, batch=b, drop_last=train and cfg.drop_last,
+                            seed=cfg.seed, samples=n)
         workers = max(0, cfg.workers)
         # Workers start from a forkserver, not by fork(): a process that already runs DALI, OpenMP or
         # tqdm threads can fork a child holding one of their locks, and the worker then waits forever
@@ -220,7 +253,8 @@ class _TorchLoader:
             self.dataset, batch_size=None, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=max(1, cfg.prefetch) if workers > 0 else None,
-            multiprocessing_context=_worker_context() if workers > 0 else None)
+            multiprocessing_context=_worker_context() if workers > 0 else None,
+            worker_init_fn=_init_worker if workers > 0 else None)
 
     def __len__(self) -> int:
         return self._len
@@ -233,12 +267,35 @@ class _TorchLoader:
             raise ValueError("set_resolution is for training loaders; validation uses cfg.val_resolution")
         self.dataset.resolution.value = int(px)
 
+    def state_dict(self) -> dict:
+        return self.pos.state_dict()
+
+    def load_state_dict(self, state: dict) -> str:
+        return self.pos.load(state)
+
+    def _planned(self, epoch: int, segments: list) -> int:
+        return len(self.dataset.plan(epoch, segments)) if segments else self._len
+
+    def position(self) -> tuple[int, int]:
+        epoch = self.dataset.epoch.value
+        resume = self.pos.resume_for(epoch)
+        if resume is None:
+            return 0, self._len
+        left = self._planned(epoch, resume[0]) - resume[1]
+        return self._len - left, left
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        segments, start = self.pos.begin(self.dataset.epoch.value)
+        self.pos.end = self._planned(self.pos.epoch, segments)
+        self.dataset.set_start(segments, start)  # read by every worker when this iteration starts
+        if start >= self.pos.end:
+            return
         for batch in self.loader:
             images, labels = batch[0], batch[1]
             if self.device.type != "cpu":
                 images = normalise(images.to(self.device, non_blocking=True), self.dtype)
                 labels = labels.to(self.device, non_blocking=True)
+            self.pos.step()
             yield (images, labels) + tuple(batch[2:])
 
 
@@ -247,11 +304,13 @@ class ShardLoader(_TorchLoader):
 
     def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False):
         manifest, sp = load_split(cfg.path, split)
-        super().__init__(ShardSource(sp, manifest.label_ext), manifest.classes, cfg, dist, train=train, keys=keys)
+        super().__init__(ShardSource(sp, manifest.num_classes, manifest.label_ext), manifest.classes, cfg, dist,
+                         train=train, keys=keys)
 
 
 class FolderLoader(_TorchLoader):
     """loader="folder": torchvision ImageFolder's layout, cfg.path/<split>/<class>/*."""
+    kind = "folder"
 
     def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False):
         root = Path(cfg.path)

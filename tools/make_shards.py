@@ -14,6 +14,11 @@ Inputs (`--src` holds one folder per split; by default every split folder found 
 Labels are indices into the sorted class names (folder names plus every wnid the label file
 names), exactly as ImageFolder assigns them, so ImageNet indices match torchvision's models.
 Hidden folders (.ipynb_checkpoints, ...) are not classes; their files count as ignored.
+Symlinks: file symlinks and symlinked split or class folders are followed; directory symlinks below a
+class folder are not, nor a split/class folder symlink that points at a folder holding it (a loop) or
+at a folder another class took. What the listing could not or would not read (those symlinks, dangling
+or looping file symlinks, unreadable folders, names that are not UTF-8) is listed per split in the
+manifest's `left_out` with the reason, and printed; FIFOs, sockets and devices count as ignored.
 
 Output: see pipeline/manifest.py and the README. Per sample `<split>_<NNNNNNNN>.jpg/.cls/.lbl/.path`:
 `.cls` is the ASCII decimal label, `.lbl` the label as one little-endian int64 (8 bytes, read by
@@ -31,7 +36,9 @@ it checks e.g. PNG chunk CRCs; for JPEG it does nothing). What is kept, converte
   drop EXIF), matching torchvision's ImageFolder, which ignores it. DALI's decoders rotate by
   EXIF unless `adjust_orientation=False`: 1 of the 400 imagenet-sample files carries a tag;
 - empty, truncated or undecodable files are skipped and listed in the manifest with the reason;
-- files without an image extension (.txt, .xml, .mat, hidden files, ...) are ignored and counted.
+- files without an image extension (.txt, .xml, .mat, hidden files, ...) are ignored and counted;
+- unreadable files are skipped and listed like undecodable ones; a class folder that gives no sample
+  (unreadable, empty, every file skipped) is an error unless --allow-empty-classes (then a warning).
 
 Shards are cut at --shard-bytes (default 1 GB, ImageNet: ~140 train shards) or --shard-samples.
 Without --shard-samples, small splits are still cut into at least MIN_SHARDS (8) shards of at least
@@ -52,6 +59,7 @@ converted images wait there too, and the folder is removed when the manifest is 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -60,13 +68,15 @@ import os
 import random
 import re
 import shutil
+import stat
 import sys
 import time
 import warnings
 import zlib
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (`python tools/make_shards.py`): import from the repository root
@@ -77,17 +87,17 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
+# The shard format's names: one definition, which the loaders read (importing it loads no torch).
+from imt.pipeline.manifest import (FORMAT, INDEX_VERSION, MANIFEST_NAME, PROGRESS_NAME, VERSION, shard_stem,
+                               shard_stem_pattern)
+from imt.pipeline.orphans import exit_with_parent
 from imt.train.cli import CONTEXT
 
-# The shard format's names, as pipeline/manifest.py reads them (tests/tools check they agree). Not
-# imported from there: `pipeline/__init__` imports torch (2.2 s), paid again by every spawned worker.
-FORMAT, VERSION, MANIFEST_NAME, INDEX_VERSION = "imt-shards", 1, "manifest.json", "v1.2"
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
                         ".webp", ".ppm", ".pgm", ".pbm", ".pnm"})
 DEFAULT_QUALITY = 95
 MIN_SHARDS = 8
 MIN_SHARD_SAMPLES = 256
-PROGRESS_NAME = ".imt-progress.json"
 CACHE_NAME = ".imt-cache"
 FAIL_AFTER_ENV = "IMT_MAKE_SHARDS_FAIL_AFTER"  # tests: raise after N shards (a deterministic "kill")
 TAR_BLOCK = 512
@@ -227,12 +237,87 @@ def _encode(im: Image.Image, conv: Convert) -> bytes:
 
 # --------------------------------------------------------------------------- listing
 
-def _walk_files(folder: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        out.extend(Path(dirpath) / f for f in sorted(filenames))
-    return out
+# Symlinks (the rules are in the module docstring): a tree of file links, or of linked class folders, is a
+# usual way to make a subset, so those are followed; following every directory link turned a
+# `train/c0/uplink -> ..` loop's 6 images into 246 samples, 120 of them under another class's label.
+
+@dataclass
+class Listing:
+    """What the listing of one split found."""
+    items: list[Item] = field(default_factory=list)
+    ignored: int = 0  # non-image names, loose files beside class folders, non-regular files (FIFOs, sockets, ...)
+    left_out: list[dict] = field(default_factory=list)  # {path, reason}: paths not listed, and why
+
+    def leave(self, p: Path, src: Path, reason: str) -> None:
+        self.left_out.append({"path": _shown(p, src), "reason": reason})
+
+    def image_stat(self, p: Path, src: Path) -> os.stat_result | None:
+        """The stat of `p` if it is a regular image file to list; otherwise None, and it is counted as
+        ignored (another name, a FIFO, ...) or left out with the reason (dangling or looping symlink, ...)."""
+        if not _is_image_name(p):
+            self.ignored += 1
+            return None
+        if not _is_utf8(p.name):
+            self.leave(p, src, _NOT_UTF8)
+            return None
+        try:
+            st = p.stat()
+        except OSError as e:
+            self.leave(p, src, _os_reason(e))
+            return None
+        if not stat.S_ISREG(st.st_mode):  # reading a FIFO would block for ever
+            self.ignored += 1
+            return None
+        return st
+
+    def walk(self, folder: Path, src: Path) -> list[tuple[Path, os.stat_result]]:
+        """(path, stat) of the image files under `folder` in os.walk's order: a folder's files sorted by
+        name, then its subfolders, sorted. Directory symlinks below `folder` are left out, not followed."""
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            self.leave(folder, src, f"unreadable folder: {e.strerror}")
+            return []
+        files, subdirs = [], []
+        for e in entries:
+            p = Path(e.path)
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(p)
+            elif e.is_symlink() and p.is_dir():
+                self.leave(p, src, "directory symlink: not followed below a class folder")
+            elif (st := self.image_stat(p, src)) is not None:
+                files.append((p, st))
+        for d in subdirs:
+            if _is_utf8(d.name):
+                files += self.walk(d, src)
+            else:
+                self.leave(d, src, _NOT_UTF8)
+        return files
+
+
+_NOT_UTF8 = "name is not valid UTF-8: rename it (e.g. `convmv -f latin1 -t utf8 --notest`)"
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # os.fsdecode turned its undecodable bytes into lone surrogates
+        return False
+    return True
+
+
+def _shown(p: Path, src: Path) -> str:
+    """`p` relative to --src, '/'-separated, for the manifest and messages; bytes of a non-UTF-8 name as \\xNN."""
+    return p.relative_to(src).as_posix().encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _os_reason(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "symlink loop"
+    if e.errno == errno.ENOENT:
+        return "dangling symlink (its target does not exist)"
+    return f"unreadable: {e.strerror}"
 
 
 def _is_image_name(p: Path) -> bool:
@@ -273,54 +358,97 @@ def _image_id(p: Path) -> str:
     return p.name.split(".")[0]
 
 
+def _class_folders(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(class folders of a split, sorted; folders that cannot be classes, with the reason). Hidden ones
+    (.ipynb_checkpoints, ...) are not classes: ImageFolder would make them one and then fail on it; their
+    files are counted as ignored. Symlinks: see the module docstring."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as e:
+        raise ShardError(f"{folder}: cannot list the split folder ({e.strerror}); make it readable, or leave "
+                         "it out by naming the splits to make with --split") from None
+    classes, refused, taken, real_split = [], [], {}, folder.resolve()
+    for p in entries:
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        real = p.resolve()
+        if not _is_utf8(p.name):
+            refused.append((p, f"folder {_NOT_UTF8}"))
+        elif real == real_split or real in real_split.parents:
+            refused.append((p, f"directory symlink loop: points at {real}, which holds this split"))
+        elif real in taken:
+            refused.append((p, f"the same folder as {taken[real].name}/ (a symlink): its files are listed "
+                               f"once, under {taken[real].name}"))
+        else:
+            taken[real] = p
+            classes.append(p)
+    return classes, refused
+
+
 def _class_dirs(folder: Path) -> list[Path]:
-    """Class folders of a split, sorted. Hidden ones (.ipynb_checkpoints, ...) are not classes:
-    ImageFolder would make them one and then fail on it; their files are counted as ignored."""
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return _class_folders(folder)[0]
 
 
 def _split_layout(folder: Path) -> str:
-    return "class-folders" if _class_dirs(folder) else "flat"
+    """"class-folders", "flat" (image files, no class folders: ILSVRC2012's val/) or "empty" (neither)."""
+    if _class_dirs(folder):
+        return "class-folders"
+    return "flat" if any(_is_image_name(p) and not p.is_dir() for p in folder.iterdir()) else "empty"
 
 
 def list_split(src: Path, split: str, class_index: dict[str, int],
-               flat_labels: dict[str, str] | None) -> tuple[list[Item], int]:
-    """(image items in sorted order, number of ignored non-image files)."""
+               flat_labels: dict[str, str] | None) -> Listing:
+    """The image items of a split in sorted order, with what was ignored and left out."""
     folder = src / split
-    items, ignored = [], 0
+    listing = Listing()
 
-    def add(p: Path, label: int):
-        st = p.stat()
-        items.append(Item(p.relative_to(src).as_posix(), label, st.st_size, st.st_mtime_ns))
+    def add(p: Path, label: int, st: os.stat_result):
+        listing.items.append(Item(p.relative_to(src).as_posix(), label, st.st_size, st.st_mtime_ns))
 
     if _split_layout(folder) == "flat":
         if flat_labels is None:
             raise ShardError(f"{folder} has no class folders (the ILSVRC2012 flat val layout): pass "
                              "--val-labels LOC_val_solution.csv, or the devkit ground truth with --meta")
         for p in sorted(folder.iterdir()):
-            if p.is_file() and _is_image_name(p):
+            if not p.is_dir() and (st := listing.image_stat(p, src)) is not None:
                 wnid = flat_labels.get(_image_id(p))
-                add(p, class_index[wnid] if wnid is not None else -1)
-            elif p.is_file():
-                ignored += 1
-        return items, ignored
-    classes = _class_dirs(folder)
+                add(p, class_index[wnid] if wnid is not None else -1, st)
+        return listing
+    classes, refused = _class_folders(folder)
+    for p, why in refused:
+        listing.leave(p, src, why)
+    refused = {p for p, _ in refused}
     for p in sorted(folder.iterdir()):
-        if p not in classes:  # loose files beside class folders (ImageFolder ignores them too)
-            ignored += len(_walk_files(p)) if p.is_dir() else 1
+        if p in classes:
+            for f, st in listing.walk(p, src):
+                add(f, class_index[p.name], st)
+        elif p in refused:
             continue
-        for f in _walk_files(p):
-            if _is_image_name(f):
-                add(f, class_index[p.name])
-            else:
-                ignored += 1
-    return items, ignored
+        elif p.is_dir() and p.is_symlink():
+            listing.leave(p, src, "directory symlink: not followed (a hidden folder, not a class)")
+        elif p.is_dir():  # a hidden folder: its files are ignored, as ImageFolder does
+            listing.ignored += len(listing.walk(p, src))
+        elif listing.image_stat(p, src) is not None:  # a loose image beside class folders (ImageFolder ignores it)
+            listing.ignored += 1
+    return listing
 
 
 def find_splits(src: Path, splits, out: Path | None = None) -> list[str]:
     """The split folders to make, sorted (the order they are named in does not change the output).
     `out` is never a split, also when it lies inside `src`."""
-    found = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith(".") and p != out)
+    found, loops, root = [], {}, src.resolve()
+    for p in sorted(src.iterdir()):
+        if p.is_dir() and not p.name.startswith(".") and p != out:
+            real = p.resolve()
+            if real == root or real in root.parents:
+                loops[p.name] = f"{p} points at {real}, which holds --src (a directory symlink loop)"
+            else:
+                found.append(p.name)
+    for s in splits or ():
+        if s in loops:
+            raise ShardError(f"split {s!r}: {loops[s]}; it cannot be a split")
+    for name, why in loops.items():
+        click.echo(f"leaving out {name!r}: {why}", err=True)
     if not splits:
         splits = found
     for s in splits:
@@ -339,16 +467,25 @@ def _cache_file(out: Path, split: str, i: int) -> Path:
     return out / CACHE_NAME / split / f"{i:08d}.jpg"
 
 
+def _read_regular(path) -> bytes:
+    """The bytes of a regular file; a FIFO or device found at `path` raises BadImage instead of blocking."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # no effect on a regular file
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadImage("not a regular file")
+        return f.read()
+
+
 def _check_task(args) -> tuple[int, Checked]:
     """Worker: validate one file; converted bytes go to the cache (not back through the pipe)."""
     i, path, cache, conv = args
     try:
-        data = Path(path).read_bytes()
+        data = _read_regular(path)
         new, reason = check_image(data, conv)
     except BadImage as e:
         return i, Checked(skipped=str(e))
     except OSError as e:
-        return i, Checked(skipped=f"unreadable: {e}")
+        return i, Checked(skipped=_os_reason(e))
     if new is None:
         return i, Checked(size=len(data), crc=zlib.crc32(data))
     _atomic_write(Path(cache), new)
@@ -364,14 +501,17 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _sample_bytes(src: Path, out: Path, split: str, i: int, rel: str, chk: Checked, conv: Convert) -> bytes:
     """Final JPEG bytes of a sample: the source file, or the cached (or redone) conversion."""
-    if chk.converted is None:
-        data = (src / rel).read_bytes()
-    else:
-        cache = _cache_file(out, split, i)
-        try:
-            data = cache.read_bytes()
-        except FileNotFoundError:  # cache lost (e.g. resumed after a crash): conversion is deterministic
-            data = check_image((src / rel).read_bytes(), conv)[0] or b""
+    try:
+        if chk.converted is None:
+            data = _read_regular(src / rel)
+        else:
+            cache = _cache_file(out, split, i)
+            try:
+                data = cache.read_bytes()
+            except FileNotFoundError:  # cache lost (e.g. resumed after a crash): conversion is deterministic
+                data = check_image(_read_regular(src / rel), conv)[0] or b""
+    except (BadImage, OSError) as e:
+        raise ShardError(f"{src / rel} changed while shards were being made ({e}); re-run with --overwrite") from None
     if len(data) != chk.size or zlib.crc32(data) != chk.crc:
         raise ShardError(f"{src / rel} changed while shards were being made; re-run with --overwrite")
     return data
@@ -495,18 +635,48 @@ def _save_plan(out: Path, split: str, fingerprint: str, results: list[Checked]) 
 # --------------------------------------------------------------------------- output folder
 
 def _is_tmp(p: Path) -> bool:
-    """A half-written file of ours: `<name>.tmp` (shards) or `<name>.tmp<pid>` (_atomic_write)."""
+    """A half-written file: `<name>.tmp` (shards) or `<name>.tmp<pid>` (_atomic_write); see _ours."""
     return re.fullmatch(r".+\.tmp\d*", p.name) is not None
 
 
-def _ours(p: Path) -> bool:
-    return p.name in (MANIFEST_NAME, PROGRESS_NAME, CACHE_NAME) or p.suffix in (".tar", ".idx") or _is_tmp(p)
+def _ours(name: str, splits) -> bool:
+    """Whether make_shards writes a file of this name in --out for a run of `splits`: the manifest, the
+    progress file, the check cache, each `<split>-NNNNNN.tar/.idx` and their half-written `.tmp` names.
+    Nothing else in --out is ever deleted (a user's `backup.tar` or `notes.tmp` included)."""
+    ours = rf"({re.escape(MANIFEST_NAME)}|{re.escape(PROGRESS_NAME)})(\.tmp\d+)?|{re.escape(CACHE_NAME)}"
+    shards = "|".join(shard_stem_pattern(s) for s in splits)
+    return re.fullmatch(ours, name) is not None or (
+        bool(shards) and re.fullmatch(rf"({shards})\.(tar|idx)(\.tmp)?", name) is not None)
 
 
-def _remove_ours(out: Path) -> None:
+def _read_record(path: Path) -> dict | None:
+    """The manifest or progress file at `path` if make_shards wrote it; None if there is none."""
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        d = e
+    key = "format" if path.name == MANIFEST_NAME else "done"
+    if not isinstance(d, dict) or not isinstance(d.get("settings", {}), dict) or key not in d or (
+            key == "format" and d["format"] != FORMAT):
+        raise ShardError(f"{path} was not written by make_shards ({d!r:.80}); it is left alone: move it away "
+                         "or use another --out")
+    return d
+
+
+def _remove_ours(out: Path, progress: dict | None, manifest: dict | None) -> None:
+    """--overwrite: delete what the recorded run wrote, or refuse (deleting nothing) if anything else is there."""
+    splits = set((progress or {}).get("settings", {}).get("splits", ()))
+    splits |= set((manifest or {}).get("settings", {}).get("splits", ())) | set((manifest or {}).get("splits", ()))
+    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name, splits))
+    if foreign:
+        more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
+        raise ShardError(f"{out} holds files make_shards did not write: {', '.join(foreign[:10])}{more}. "
+                         "--overwrite deletes only the shards, indexes and manifest of an earlier run, so "
+                         "nothing was deleted: move those files away, or use another --out")
     for p in out.iterdir():
-        if _ours(p):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -548,16 +718,16 @@ def _refuse_other(out: Path, what: str, saved: dict, settings: dict) -> None:
 def _prepare_out(out: Path, settings: dict, overwrite: bool) -> tuple[dict, dict | None]:
     """Returns (finished shards from an interrupted run, complete manifest or None)."""
     out.mkdir(parents=True, exist_ok=True)
+    prog, man = _read_record(out / PROGRESS_NAME), _read_record(out / MANIFEST_NAME)
     if overwrite:
-        _remove_ours(out)
+        _remove_ours(out, prog, man)
         return {}, None
-    prog, man = out / PROGRESS_NAME, out / MANIFEST_NAME
-    if prog.is_file():
-        saved = json.loads(prog.read_text())
+    if prog is not None:
+        saved = prog
         _refuse_other(out, "an unfinished run", saved["settings"], settings)
         return saved["done"], None
-    if man.is_file():
-        saved = json.loads(man.read_text())
+    if man is not None:
+        saved = man
         _refuse_other(out, "shards", saved.get("settings") or {}, settings)
         done = {s["file"]: s for sp in saved["splits"].values() for s in sp["shards"]}
         return done, saved
@@ -589,9 +759,47 @@ def _imap(pool, fn, tasks, chunksize=1):
     return pool.map(fn, tasks, chunksize=chunksize)
 
 
-def _make_split(src: Path, out: Path, split: str, items: list[Item], ignored: int, fingerprint: str,
+def _empty_classes(src: Path, split: str, labels, class_index: dict[str, int], why: list[dict],
+                   among: set[int] | None = None) -> list[str]:
+    """The class folders of a split (with a label in `among`, if given) that none of `labels` falls in, each
+    with the first reason in `why` ({path, reason}: what was left out or skipped) given for a path in it."""
+    counts, empty = Counter(labels), []
+    for d in _class_dirs(src / split):
+        if counts[class_index[d.name]] == 0 and (among is None or class_index[d.name] in among):
+            rel = f"{split}/{d.name}"
+            reason = next((w["reason"] for w in why if w["path"] == rel or w["path"].startswith(rel + "/")), None)
+            empty.append(f"{rel}/" + (f" ({reason})" if reason else ""))
+    return empty
+
+
+def _refuse_empty_classes(empty: list[str], what: str, allow: bool) -> None:
+    """A class folder that gives no sample is an error, unless allowed (then a warning): it is almost always
+    an unreadable folder or a failed copy, and the class would stay in the class list, never seen in training."""
+    if not empty:
+        return
+    named = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+    if allow:
+        click.echo(f"warning: {len(empty)} class folder(s) {what}: {named}; kept as classes without samples "
+                   "(--allow-empty-classes)", err=True)
+        return
+    raise ShardError(f"{len(empty)} class folder(s) {what}: {named}. Make the images readable (or remove the "
+                     "folder), or pass --allow-empty-classes to keep each as a class without samples")
+
+
+def _pool(workers: int) -> ProcessPoolExecutor | None:
+    """The worker processes (None: work in this process). Spawned, not forked: the caller may hold threads
+    (torch, DALI) that a forked child would inherit locked. They die with this process, also on kill -9,
+    which left them running before (and the resource tracker with them: it ends once they are gone)."""
+    if workers <= 1:
+        return None
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=exit_with_parent,
+                               initargs=(os.getpid(),))
+
+
+def _make_split(src: Path, out: Path, split: str, listing: Listing, fingerprint: str,
                 settings: dict, conv: Convert, done: dict, pool, workers: int, progress: bool,
-                fail_after: list) -> dict:
+                fail_after: list, class_index: dict[str, int], allow_empty_classes: bool) -> dict:
+    items = listing.items
     results = _load_plan(out, split, fingerprint)
     if results is None:  # check every file; results land by index, so worker order does not matter
         results = [None] * len(items)
@@ -607,6 +815,15 @@ def _make_split(src: Path, out: Path, split: str, items: list[Item], ignored: in
         _save_plan(out, split, fingerprint, results)
 
     good = [i for i, c in enumerate(results) if c.skipped is None]
+    if not good:
+        raise ShardError(f"every one of the {len(items)} files of split {split!r} was skipped (e.g. {items[0].rel}: "
+                         f"{results[0].skipped}): a split of 0 samples cannot be trained or evaluated on")
+    if settings["source"]["layout"][split] == "class-folders":
+        skipped = [{"path": items[i].rel, "reason": c.skipped} for i, c in enumerate(results) if c.skipped]
+        listed = {it.label for it in items}  # (the folders without any file were reported by the listing)
+        _refuse_empty_classes(_empty_classes(src, split, (items[i].label for i in good), class_index, skipped,
+                                             listed), "have no usable image (every file was skipped)",
+                              allow_empty_classes)
     random.Random(f"imt-shards/{settings['seed']}/{split}").shuffle(good)
     sizes = [_sample_tar_size(results[i].size, items[i].label, items[i].rel) for i in good]
     cap = settings["shard_samples"] or default_shard_samples(len(good))
@@ -614,7 +831,7 @@ def _make_split(src: Path, out: Path, split: str, items: list[Item], ignored: in
 
     specs, records = [], {}
     for n, r in enumerate(shards):
-        name = f"{split}-{n:06d}"
+        name = shard_stem(split, n)
         if _is_done(out, done.get(f"{name}.tar")) and done[f"{name}.tar"]["num_samples"] == len(r):
             records[name] = done[f"{name}.tar"]
             continue
@@ -634,9 +851,10 @@ def _make_split(src: Path, out: Path, split: str, items: list[Item], ignored: in
     return {
         "num_samples": len(good),
         "inputs": len(items),
-        "shards": [records[f"{split}-{n:06d}"] for n in range(len(shards))],
+        "shards": [records[shard_stem(split, n)] for n in range(len(shards))],
         "skipped": [{"path": items[i].rel, "reason": c.skipped} for i, c in enumerate(results) if c.skipped],
-        "ignored": ignored,
+        "ignored": listing.ignored,
+        "left_out": listing.left_out,
         "converted": sum(c.converted is not None for c in results if c.skipped is None),
     }
 
@@ -674,8 +892,10 @@ def _beside_src(path, src: Path, option: str) -> Path | None:
 
 def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shard_samples: int | None = None,
                 workers: int = 1, seed: int = 0, max_side: int | None = None, quality: int | None = None,
-                overwrite: bool = False, progress: bool = True, val_labels=None, meta=None) -> dict:
-    """Make (or finish) the shards of `src` in `out`; returns the manifest dict (also written)."""
+                overwrite: bool = False, progress: bool = True, val_labels=None, meta=None,
+                allow_empty_classes: bool = False) -> dict:
+    """Make (or finish) the shards of `src` in `out`; returns the manifest dict (also written).
+    A class folder that gives no sample is a ShardError unless allow_empty_classes (then a warning)."""
     src, out = Path(src).resolve(), Path(out).resolve()
     if not src.is_dir():
         raise ShardError(f"--src {src} is not a folder")
@@ -683,6 +903,15 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
     explicit = bool(splits)
     splits = find_splits(src, splits, out)
     layouts = {s: _split_layout(src / s) for s in splits}
+    for s in [s for s in splits if layouts[s] == "empty"]:
+        why = f"{src / s} holds no image files and no class folders"
+        if explicit:
+            raise ShardError(f"{why}: put <class>/<image> folders in it, or leave it out of --split")
+        click.echo(f"leaving out split {s!r}: {why}", err=True)
+        splits.remove(s)
+        del layouts[s]
+    if not splits:
+        raise ShardError(f"{src} holds no images: expected e.g. {src}/train/<class>/*.JPEG")
     flat = [s for s in splits if layouts[s] == "flat"]
     if flat and not val_labels:
         raise ShardError(f"{src / flat[0]} has no class folders (the ILSVRC2012 flat val layout): pass "
@@ -711,8 +940,17 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
         if meta:
             source["meta"] = {"file": Path(meta).name, "sha256": _file_sha(meta)}
     listed = {s: list_split(src, s, class_index, flat_labels if layouts[s] == "flat" else None) for s in splits}
+    for s, listing in listed.items():  # before any output: an unreadable class folder is found in seconds
+        if not listing.items:
+            lo = listing.left_out
+            why = f" ({len(lo)} paths left out, e.g. {lo[0]['path']}: {lo[0]['reason']})" if lo else ""
+            raise ShardError(f"split {s!r} has no image file that can be read{why}: fix that, or leave the split "
+                             "out by naming the splits to make with --split")
+        if layouts[s] == "class-folders":
+            _refuse_empty_classes(_empty_classes(src, s, (it.label for it in listing.items), class_index,
+                                                 listing.left_out), "hold no image files", allow_empty_classes)
     # What the shards are made of: a resume or re-run over changed files must not keep shards of the old ones.
-    fingerprints = {s: _listing_fingerprint(items) for s, (items, _) in listed.items()}
+    fingerprints = {s: _listing_fingerprint(listing.items) for s, listing in listed.items()}
     source["listing"] = {s: f[:16] for s, f in fingerprints.items()}
     settings = {"seed": seed, "shard_bytes": shard_bytes, "shard_samples": shard_samples,
                 "min_shards": MIN_SHARDS if shard_samples is None else None,
@@ -725,21 +963,19 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
             click.echo(f"{out}: already complete with these settings (pass --overwrite to remake)")
         return complete
     for p in out.iterdir():  # half-written files of an interrupted run
-        if _is_tmp(p) and p.is_file():
+        if _is_tmp(p) and _ours(p.name, splits) and p.is_file():
             p.unlink()
     _save_progress(out, settings, done)
 
     conv = Convert(max_side=max_side, quality=quality)
     fail_after = [int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)]
-    # spawn, not fork: the caller may hold threads (torch, DALI) that a forked child would inherit locked
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
+    pool = _pool(workers)
     load_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # must raise
     try:
         split_info = {}
         for s in splits:
-            items, ignored = listed[s]
-            split_info[s] = _make_split(src, out, s, items, ignored, fingerprints[s], settings, conv, done, pool,
-                                        workers, progress, fail_after)
+            split_info[s] = _make_split(src, out, s, listed[s], fingerprints[s], settings, conv, done, pool,
+                                        workers, progress, fail_after, class_index, allow_empty_classes)
     except BrokenProcessPool as e:
         raise ShardError(f"a worker process died ({e}; out of memory?); finished shards are kept: "
                          "re-run the same command to resume, perhaps with fewer --workers") from e
@@ -765,6 +1001,13 @@ def summary(manifest: dict) -> str:
             lines.append(f"  skipped {sk['path']}: {sk['reason']}")
         if len(s["skipped"]) > 10:
             lines.append(f"  ... {len(s['skipped']) - 10} more skipped (see manifest.json)")
+        left_out = s.get("left_out", [])
+        if left_out:
+            lines.append(f"  {len(left_out)} paths left out of the listing:")
+        for lo in left_out[:10]:
+            lines.append(f"  left out {lo['path']}: {lo['reason']}")
+        if len(left_out) > 10:
+            lines.append(f"  ... {len(left_out) - 10} more left out (see manifest.json)")
     lines.append(f"{len(manifest['classes'])} classes")
     return "\n".join(lines)
 
@@ -792,16 +1035,19 @@ def summary(manifest: dict) -> str:
 @click.option("--meta", default=None, type=click.Path(dir_okay=False),
               help="The devkit's data/meta.mat (ILSVRC2012_ID -> wnid); looked for like --val-labels.")
 @click.option("--overwrite", is_flag=True, help="Delete shards of another run in --out and start again.")
+@click.option("--allow-empty-classes", is_flag=True,
+              help="Keep a class folder that gives no sample (unreadable, empty, every file skipped) as a class "
+                   "without samples, with a warning [default: refuse]")
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
 def main(src, out, splits, workers, seed, shard_bytes, shard_samples, max_side, quality, val_labels, meta,
-         overwrite, progress):
+         overwrite, allow_empty_classes, progress):
     """Make shuffled WebDataset shards + DALI indexes + manifest.json from an ImageNet-style tree."""
     t0 = time.perf_counter()
     try:
         manifest = make_shards(src, out, splits=splits or None, shard_bytes=shard_bytes,
                                shard_samples=shard_samples, workers=workers, seed=seed, max_side=max_side,
                                quality=quality, overwrite=overwrite, progress=progress,
-                               val_labels=val_labels, meta=meta)
+                               val_labels=val_labels, meta=meta, allow_empty_classes=allow_empty_classes)
     except ShardError as e:
         raise click.ClickException(str(e)) from None
     dt = time.perf_counter() - t0

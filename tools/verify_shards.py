@@ -24,7 +24,7 @@ import click
 from PIL import Image
 from tqdm import tqdm
 
-from imt.pipeline.manifest import Manifest, ManifestError, Shard, load_manifest, read_index, read_index_count
+from imt.pipeline.manifest import Manifest, ManifestError, Shard, load_manifest, read_index, shard_stem_pattern
 from imt.train.cli import CONTEXT
 from imt.tools.make_shards import _jpeg_sof
 
@@ -50,10 +50,6 @@ def _read_tar(path: Path) -> list[tuple[str, int, int, bytes]]:
     return out
 
 
-def _read_index(path: Path) -> tuple[int, list[list[tuple[str, int, int, str]]]]:
-    return read_index_count(path), [[(ext, *c) for ext, c in comp.items()] for comp in read_index(path)]
-
-
 def _check_image(data: bytes) -> str | None:
     try:
         with warnings.catch_warnings():
@@ -77,7 +73,8 @@ def _check_shard(m: Manifest, split: str, shard: Shard, first: int, layout: str,
         problems.append(f"{where}: sha256 differs from the manifest")
     try:
         members = _read_tar(shard.tar)
-        count, index = _read_index(shard.index)
+        index = read_index(shard.index)
+        count, index = index.count, [index.sample(i) for i in range(len(index))]
     except (OSError, ValueError, tarfile.TarError) as e:
         return problems + [f"{where}: unreadable ({e})"]
     groups: list[list[tuple[str, int, int, bytes]]] = []
@@ -96,7 +93,7 @@ def _check_shard(m: Manifest, split: str, shard: Shard, first: int, layout: str,
         if names != [f"{key}.{c}" for c in COMPONENTS]:
             problems.append(f"{where}: sample {n} has members {names}, expected {key}.{{{','.join(COMPONENTS)}}}")
             continue
-        if [(name.split(".", 1)[1], off, size, name) for name, off, size, _ in group] != entry:
+        if [(name.split(".", 1)[1], (off, size, name)) for name, off, size, _ in group] != list(entry.items()):
             problems.append(f"{where}: index line {n + 1} does not match the tar members of {key}")
         data = {name.split(".", 1)[1]: payload for name, _, _, payload in group}
         try:
@@ -140,7 +137,7 @@ def verify_shards(root, *, splits=None, decode: bool = True, progress: bool = Tr
         first = 0
         with tqdm(total=split.num_samples, desc=f"verify {name}", unit="img", disable=not progress) as bar:
             for shard in split.shards:
-                if not re.fullmatch(rf"{re.escape(name)}-\d{{6}}\.tar", shard.tar.name):
+                if not re.fullmatch(rf"{shard_stem_pattern(name)}\.tar", shard.tar.name):
                     problems.append(f"{shard.tar.name}: unexpected shard name in split {name}")
                 problems += _check_shard(m, name, shard, first, layouts.get(name, ""), decode, bar)
                 first += shard.num_samples

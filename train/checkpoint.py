@@ -14,6 +14,8 @@ stored in that form, including the RNG states (numpy's and Python's as integer t
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -65,18 +67,61 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain: torch.save into a file object reports a full disk as
+    RuntimeError('... unexpected pos 704 vs 598') whose __context__ is the OSError (checked, torch 2.14)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _partial_files_removed(tmps: list[Path], needed: int, what: str):
+    """On any failure remove the partial `tmps` (a killed save leaves none behind either: CheckpointDir
+    removes *.tmp at start); a full disk becomes a CheckpointError saying how much room is needed."""
+    try:
+        yield
+    except BaseException as exc:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        if not _is_disk_full(exc):
+            raise
+        directory = tmps[0].parent
+        free = shutil.disk_usage(directory).free
+        raise CheckpointError(
+            f"no space left on {directory}: {needed / 2**20:.0f} MB needed to save {what}, {free / 2**20:.0f} MB "
+            "free. The partial file was removed and the checkpoints already there are kept. Free space there "
+            "(or lower run.keep_last, or use another --out), then continue with --resume auto") from exc
+
+
+def _tensors(obj: Any, prefix: str = ""):
+    """(name, tensor) for every tensor in nested dicts/lists/tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+
+
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """Atomically write `state` and its sha256 sidecar (the sidecar lands first; the .pt appears last)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = _sha256(tmp)
-    _write_atomic(path.with_name(path.name + ".sha256"), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
-    os.replace(tmp, path)
+    needed = sum(t.numel() * t.element_size() for _, t in _tensors(state))
+    with _partial_files_removed([tmp, path.with_name(path.name + ".sha256.tmp")], needed, path.name):
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        _write_atomic(path.with_name(path.name + ".sha256"),
+                      lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+        os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path
 
@@ -94,21 +139,52 @@ def verify_sidecar(path: Path) -> bool:
     return True
 
 
+def describe(exc: BaseException) -> str:
+    """`Type: first line of the message` for an error message; some exceptions have no message at all
+    (torch.load of a 0-byte file raises a bare EOFError)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
+def read_tensors(path: Path, map_location: Any = "cpu") -> Any:
+    """torch.load(weights_only=True) of a file that exists; CheckpointError naming the file otherwise. The one
+    place that reads a checkpoint or weights file (resume, --pretrained, export and predict all come here)."""
+    if path.stat().st_size == 0:  # a save or copy that never wrote a byte (disk full, killed cp)
+        raise CheckpointError(f"{path} is empty (0 bytes): a save or copy that did not finish. Use an earlier "
+                              "checkpoint (--resume auto picks the newest usable one)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, tampered pickle, pickled code (UnpicklingError)
+        raise CheckpointError(f"cannot load {path} with weights_only=True ({describe(exc)}); it is corrupt, "
+                              "truncated, or holds pickled code. Use an earlier checkpoint.") from exc
+
+
+def nonfinite_tensors(obj: Any) -> list[str]:
+    """Names of the floating-point tensors in `obj` (nested dicts/lists) that hold NaN or inf."""
+    return [name for name, t in _tensors(obj) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def refuse_nonfinite(obj: Any, path: Path) -> None:
+    """CheckpointError when weights or optimizer state hold NaN/inf: training from them only spreads it."""
+    bad = nonfinite_tensors(obj)
+    if bad:
+        raise CheckpointError(f"{path} holds NaN/inf values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}): the training that wrote it had diverged. "
+                              "Use an earlier checkpoint")
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """Verify (sha256 sidecar when present) and load with weights_only=True; CheckpointError otherwise."""
+    """Verify (sha256 sidecar when present) and load with weights_only=True; CheckpointError otherwise,
+    also for an empty file and for weights holding NaN/inf."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not verify_sidecar(path):
         warnings.warn(f"{path} has no {path.name}.sha256; loading it without an integrity check", stacklevel=2)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, tampered pickle, pickled code (UnpicklingError)
-        raise CheckpointError(f"cannot load checkpoint {path} with weights_only=True "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); it is corrupt, "
-                              "truncated, or holds pickled code. Use an earlier checkpoint.") from exc
+    state = read_tensors(path, map_location)
     if not isinstance(state, dict) or "model" not in state or "arch" not in state:
         raise CheckpointError(f"{path} is not a training checkpoint of this project (no model/arch inside)")
+    refuse_nonfinite({k: state.get(k) for k in ("model", "ema", "optimizer")}, path)
     return state
 
 
@@ -190,15 +266,16 @@ class CheckpointDir:
     @staticmethod
     def _copy(src: Path, dst: Path) -> None:
         """best.pt: a hard link where the file system allows (no second write), else a copy; atomic."""
-        tmp = dst.with_name(dst.name + ".tmp")
+        tmp, sidecar_tmp = dst.with_name(dst.name + ".tmp"), dst.with_name(dst.name + ".sha256.tmp")
         tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        shutil.copyfile(src.with_name(src.name + ".sha256"), dst.with_name(dst.name + ".sha256.tmp"))
-        os.replace(dst.with_name(dst.name + ".sha256.tmp"), dst.with_name(dst.name + ".sha256"))
-        os.replace(tmp, dst)
+        with _partial_files_removed([tmp, sidecar_tmp], src.stat().st_size, f"{dst.name} (a copy of {src.name})"):
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+            shutil.copyfile(src.with_name(src.name + ".sha256"), sidecar_tmp)
+            os.replace(sidecar_tmp, dst.with_name(dst.name + ".sha256"))
+            os.replace(tmp, dst)
 
 
 # ------------------------------------------------------------------------------------------ RNG states

@@ -20,12 +20,14 @@ from typing import Any
 
 import yaml
 
+from imt.pipeline.augment import check as augment_problems
 from imt.pipeline.config import DataConfig
 
 RECIPES = importlib.resources.files("imt.recipes")  # recipes/*.yaml: package data of the wheel, or the checkout's
 SCHEDULES = ("cosine", "step", "linear")
 PRECISIONS = ("auto", "bfloat16", "float16", "float32")
 FINETUNE_MODES = ("full", "linear")
+OPTIMIZERS = ("sgd", "adamw", "lars", "lamb")
 
 
 class ConfigError(ValueError):
@@ -40,7 +42,11 @@ class ModelConfig:
     freeze_bn: bool = False           # keep BN running statistics at their pretrained values (small data)
     zero_init_residual: bool = True   # last BN gamma of each residual block = 0: every block starts as identity
     compile: bool = False             # torch.compile the model (first steps are slow while it compiles)
-    sync_bn: bool = False             # SyncBatchNorm across ranks (small per-GPU batches); needs CUDA
+    # SyncBatchNorm across ranks (small per-GPU batches); needs CUDA. Not free: besides an all-gather per BN
+    # layer, torch's SyncBatchNorm forward syncs the host once per BN layer (it drops empty ranks' statistics
+    # with a boolean mask, whose result size the host must read: torch/nn/modules/_functions.py,
+    # pytorch#78549), so 53 host syncs per ResNet-50 step. The cost on a GPU is not measured yet.
+    sync_bn: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,14 @@ class OptimConfig:
     gamma: float = 0.1
     ema_decay: float = 0.0            # EMA of the weights, per step (0 = off); eval then uses the EMA
     backbone_lr_mult: float = 1.0     # lr multiplier for everything but the classifier (fine-tuning)
+    # Optimizer (train.model.build_optimizer): sgd (momentum, nesterov) | adamw | lars (LARS, You et al. 2017:
+    # DLE and MLPerf ResNet-50 at global batch 3,200+) | lamb (You et al. 2019); lars/lamb from timm.optim.
+    optimizer: str = "sgd"
+    betas: tuple[float, ...] = (0.9, 0.999)  # adamw, lamb
+    grad_clip: float = 0.0            # clip the global gradient norm to this (0 = off); unscaled first under fp16
+    grad_accum: int = 1               # batches per optimizer step: global batch = batch x ranks x grad_accum
+    mixup: float = 0.0                # mixup Beta alpha (0 = off; torchvision's references: 0.2), train.mix
+    cutmix: float = 0.0               # cutmix Beta alpha (0 = off; torchvision's references: 1.0)
 
 
 @dataclass(frozen=True)
@@ -246,8 +260,12 @@ def validate(cfg: Config) -> None:
     _check(not (m.sync_bn and (m.freeze_bn or m.finetune == "linear")),
            "model.sync_bn with frozen BN statistics (--freeze-bn or --finetune linear): frozen statistics are "
            "never synchronised, so SyncBN does nothing there and would unfreeze them; drop model.sync_bn")
+    _check(not d.verify or d.loader in ("dali", "torch"), f"data.verify checks shards; loader {d.loader!r} reads "
+           "none (drop --verify, or make shards with imt-make-shards and use --loader dali or torch)")
     _check(d.batch_size > 0, f"data.batch_size={d.batch_size}: must be positive")
     _check(d.cache_limit >= 0, f"data.cache_limit={d.cache_limit}: GiB of shards kept from a --data URL, 0 = no limit")
+    _check(d.workers >= 0, f"data.workers={d.workers}: loader threads/processes per rank, 0 or more (torch: 0 "
+                           "loads in the training process)")
     _check(d.resolution >= 16 and d.val_resolution >= 16, "data.resolution/val_resolution: at least 16 px")
     _check(p.dtype in PRECISIONS, f"precision.dtype={p.dtype!r}: expected one of {', '.join(PRECISIONS)}")
     _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: expected one of {', '.join(SCHEDULES)}")
@@ -256,12 +274,21 @@ def validate(cfg: Config) -> None:
                                     "backbone's weights; --finetune linear also freezes BN statistics)")
     _check(0.0 <= o.momentum < 1.0, f"optim.momentum={o.momentum}: expected in [0, 1)")
     _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    problems = augment_problems(d)
+    _check(not problems, "; ".join(problems))
     _check(0.0 < d.min_area <= 1.0, f"data.min_area={d.min_area}: the crop's area fraction, in (0, 1]")
     _check(0.0 < d.val_resize_ratio <= 1.0, f"data.val_resize_ratio={d.val_resize_ratio}: crop / resized size, "
                                             "in (0, 1] (0.875: resize to 256, crop 224)")
     _check(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay={o.ema_decay}: expected 0 (off) or in (0, 1)")
     _check(0.0 <= o.label_smoothing < 1.0, f"optim.label_smoothing={o.label_smoothing}: expected in [0, 1)")
     _check(o.warmup_epochs >= 0, f"optim.warmup_epochs={o.warmup_epochs}: must be >= 0")
+    _check(o.optimizer in OPTIMIZERS, f"optim.optimizer={o.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    _check(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
+           f"optim.betas={list(o.betas)}: expected two values in [0, 1), e.g. [0.9, 0.999]")
+    _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: 0 (off) or the largest gradient norm, e.g. 1.0")
+    _check(o.grad_accum >= 1, f"optim.grad_accum={o.grad_accum}: batches per optimizer step, at least 1")
+    _check(o.mixup >= 0 and o.cutmix >= 0, f"optim.mixup={o.mixup}, optim.cutmix={o.cutmix}: Beta alphas, 0 (off) "
+                                           "or positive (torchvision's references: mixup 0.2, cutmix 1.0)")
     _check(r.epochs > 0, f"run.epochs={r.epochs}: must be positive")
     _check(r.max_steps_per_epoch >= 0, f"run.max_steps_per_epoch={r.max_steps_per_epoch}: 0 (whole epochs) or "
                                        "a positive cap")
@@ -276,6 +303,26 @@ def validate(cfg: Config) -> None:
     _check(m.arch in known, f"model.arch={m.arch!r} is not a torchvision classification model; e.g. "
                             f"resnet18, resnet50, vgg16_bn, densenet121, inception_v3 (all: {len(known)} in "
                             "torchvision.models.list_models(module=torchvision.models))")
+    from imt.train.model import fixed_input_size
+    if fixed := fixed_input_size(m.arch):
+        ramp = {r.start_res, r.end_res or d.resolution} if r.start_res else set()
+        used = sorted({d.resolution, d.val_resolution} | ramp)
+        _check(used == [fixed], f"model.arch={m.arch} takes {fixed}x{fixed} px images only (torchvision builds it "
+                                f"for that size), but this run uses {', '.join(map(str, used))} px: pass "
+                                f"--resolution {fixed} and no progressive resizing (run.start_res=0)")
+
+
+def cuda_bf16_native(device: "torch.device") -> bool:  # noqa: F821
+    """True where the GPU runs bfloat16 natively (compute capability >= 8: A100, H100, ...). Plain
+    `torch.cuda.is_bf16_supported()` also says True on V100/T4, where bf16 is emulated through fp32 and
+    far slower than fp16 + GradScaler; `including_emulation=False` (torch >= 2.3) excludes that, and
+    older torch falls back to the capability check that function makes itself."""
+    import torch
+
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3: no including_emulation argument
+        return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def resolve(cfg: Config, device: "torch.device") -> Config:  # noqa: F821
@@ -286,9 +333,12 @@ def resolve(cfg: Config, device: "torch.device") -> Config:  # noqa: F821
     dtype = cfg.precision.dtype
     if dtype == "auto":
         if device.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            dtype = "bfloat16" if cuda_bf16_native(device) else "float16"
         else:
             dtype = "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
     if dtype == "float16" and device.type != "cuda":
         raise ConfigError("precision.dtype=float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
-    return replace(cfg, precision=replace(cfg.precision, dtype=dtype), data=replace(cfg.data, dtype=dtype))
+    # A compiled model would recompile for the partial last batch (train.model.compile_model): drop it.
+    drop_last = cfg.data.drop_last or cfg.model.compile
+    return replace(cfg, precision=replace(cfg.precision, dtype=dtype),
+                   data=replace(cfg.data, dtype=dtype, drop_last=drop_last))

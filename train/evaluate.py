@@ -53,7 +53,9 @@ def evaluate(model, loader, autocast, dist: DistInfo, num_classes: int, *, tta_f
         counts[:2] += topk_correct(logits, labels)
         counts[2] += labels.numel()
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes ** 2)
+        # scatter_add_, not bincount: CUDA's bincount reads its input's min/max on the host (two syncs per batch).
+        cells = labels * num_classes + logits.argmax(1)
+        confusion.scatter_add_(0, cells, torch.ones_like(cells))
     for t in (counts, loss_sum, confusion):
         all_reduce_sum(t, dist)
     c1, c5, n = counts.tolist()

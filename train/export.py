@@ -27,6 +27,7 @@ from torch import nn
 
 from imt.pipeline.common import MEAN, STD
 from imt.train.cli import CONTEXT
+from imt.train.state import Checkpoint
 from imt.train.transfer import PretrainedError, read_state
 
 
@@ -62,8 +63,8 @@ def export_model(model: nn.Module, arch: str, classes: list[str], out: str | Pat
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().eval().to("cpu", memory_format=torch.contiguous_format)
-    bundle = {"model": model.state_dict(), "arch": arch, "classes": list(classes), "resolution": resolution,
-              "resize_ratio": resize_ratio, "mean": list(MEAN), "std": list(STD)}
+    bundle = Checkpoint(model=model.state_dict(), arch=arch, classes=list(classes), resolution=resolution,
+                        resize_ratio=resize_ratio, mean=list(MEAN), std=list(STD)).bundle()
     _atomic_write(out / "model.pt", lambda p: torch.save(bundle, p))
     example = torch.randn(2, 3, resolution, resolution)
     batch = torch.export.Dim("batch", min=1, max=4096)

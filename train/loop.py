@@ -15,6 +15,7 @@ the question it answers ("is the input pipeline the bottleneck?"), without a per
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -45,49 +46,70 @@ class EpochStats:
     stopped: bool        # left early because a stop was requested (preemption)
 
 
-def train_step(model, images, labels, loss_fn, optimizer, scaler, autocast) -> torch.Tensor:
-    """Forward, backward, update; returns the detached loss (still on the device)."""
+def train_step(model, images, labels, loss_fn, optimizer, scaler, autocast, *, grad_clip: float = 0.0,
+               loss_scale: float = 1.0, update: bool = True) -> torch.Tensor:
+    """Forward and backward; with `update`, also clip and step. Gradient accumulation: `loss_scale` = 1 / the
+    batches of this update (their gradients add up in .grad), `update` only on its last batch. Clipping
+    unscales first (fp16), so `grad_clip` bounds the true global norm; clip_grad_norm_ returns a device
+    tensor, and its result is never read: no host sync. Returns the detached (unscaled) loss, on the device."""
     with autocast:
         loss = loss_fn(model(images), labels)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    scaler.scale(loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    if update:
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip,
+                                           foreach=True)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
 def train_one_epoch(model, loader: Iterable, optimizer, schedule, scaler, autocast, loss_fn, ema=None, *,
                     steps: int, log_every: int, should_stop: Callable[[], bool] = lambda: False,
-                    log: Callable[[LogPoint], None] = lambda p: None, skip: int = 0,
-                    mean_across: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> EpochStats:
-    """Run `steps` steps (`skip` batches are drawn and discarded first: a mid-epoch resume).
-    `should_stop()` is called at step boundaries; `mean_across` averages the loss sum over ranks."""
+                    log: Callable[[LogPoint], None] = lambda p: None, start: int = 0,
+                    mean_across: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                    grad_clip: float = 0.0, grad_accum: int = 1,
+                    batch_transform: Callable | None = None) -> EpochStats:
+    """Run steps `start` .. `steps` of an epoch on the batches `loader` yields (a resumed epoch starts at
+    `start`: the loader yields only the rest). `should_stop()` is called at step boundaries; `mean_across`
+    averages the loss sum over ranks.
+    A step is one batch; the optimizer updates every `grad_accum` batches (and on the epoch's last one), and
+    a stop waits for the end of the update it is in, so a checkpoint never holds half-accumulated gradients.
+    `batch_transform(images, labels)` runs on each batch before the step (train.mix: mixup/cutmix)."""
     model.train()
+    optimizer.zero_grad(set_to_none=True)
     batches = iter(loader)
-    for _ in range(skip):
-        next(batches)
-    loss_sum, n_images, wait, done, stopped = None, 0, 0.0, skip, False
+    loss_sum, n_images, wait, done, stopped, stopping = None, 0, 0.0, start, False, False
     t0 = time.perf_counter()
-    for step in range(skip, steps):
+    for step in range(start, steps):
         t = time.perf_counter()
         images, labels = next(batches)
         wait += time.perf_counter() - t
-        loss = train_step(model, images, labels, loss_fn, optimizer, scaler, autocast)
+        if batch_transform is not None:
+            images, labels = batch_transform(images, labels)
+        first = step - step % grad_accum  # the update's first batch (epoch-relative, as checkpoints count)
+        last = min(first + grad_accum, steps) - 1
+        update = step == last
+        sync = contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:  # DDP: all-reduce the gradients once per update, not once per batch
+            loss = train_step(model, images, labels, loss_fn, optimizer, scaler, autocast, grad_clip=grad_clip,
+                              loss_scale=1.0 / (last - first + 1), update=update)
         schedule.step()
-        if ema is not None:
+        if ema is not None and update:
             ema.update_parameters(model)
         loss_sum = loss if loss_sum is None else loss_sum + loss  # device-side; any NaN stays in the sum
         n_images += images.shape[0]
         done = step + 1
         if done % log_every == 0 or done == steps:
-            mean = check_finite(mean_across(loss_sum), done - skip, done)
+            mean = check_finite(mean_across(loss_sum), done - start, done)
             log(LogPoint(done, mean, schedule.lr(schedule.step_count - 1), n_images / (time.perf_counter() - t0)))
-        if should_stop():
+        stopping = should_stop() or stopping  # asked every step: under DDP a collective every rank joins
+        if stopping and update:
             stopped = done < steps
             break
-    if done == len(loader):  # run the iterator to its end: DALI then resets instead of rebuilding its pipeline
-        next(batches, None)
-    mean = check_finite(mean_across(loss_sum), done - skip, done) if loss_sum is not None else float("nan")
+    mean = check_finite(mean_across(loss_sum), done - start, done) if loss_sum is not None else float("nan")
     return EpochStats(mean, done, n_images, time.perf_counter() - t0, wait, stopped)
 
 

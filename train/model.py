@@ -29,6 +29,15 @@ def build_model(arch: str, num_classes: int, *, zero_init_residual: bool = False
     return model
 
 
+def fixed_input_size(arch: str) -> int | None:
+    """The one input size a model takes, for those torchvision builds for a single size when no weights are
+    given: ViTs (position embeddings; `_vision_transformer` defaults image_size to 224) and MaxViT (attention
+    grids; `_maxvit` defaults input_size to (224, 224)). Checked with torchvision 0.29: vit_b_16 at 64 px
+    fails with "Wrong image height! Expected 224 but got 64!", maxvit_t at 64 and 256 px with a reshape error.
+    None: any size works."""
+    return 224 if arch.startswith(("vit_", "maxvit_")) else None
+
+
 def zero_init_last_bn(model: nn.Module) -> int:
     """Zero the last BN gamma of each ResNet-style block so each residual branch starts as the identity
     (Goyal et al. 2017); returns how many blocks were found (0 for non-residual models)."""
@@ -94,6 +103,30 @@ def param_groups(model: nn.Module, weight_decay: float, *, no_bn_bias_decay: boo
     return out
 
 
+def build_optimizer(o, groups: list[dict], fused: bool = False) -> torch.optim.Optimizer:
+    """The optimizer `o.optimizer` (a train.config.OptimConfig) over `groups` (param_groups: each carries its
+    weight decay; the schedule sets each group's lr before every step, so the lr given here is a start value).
+    sgd: momentum, Nesterov. adamw: decoupled weight decay. lars (timm.optim.Lars, trust coefficient 0.001
+    as DLE's and MLPerf's ResNet-50): the layer-wise trust ratio applies only to groups with weight decay, so
+    BN and biases (no_bn_bias_decay) are excluded as in those references. lamb (timm.optim.Lamb): its own
+    gradient-norm clip is off (max_grad_norm=None); optim.grad_clip is the one clip, in train.loop.
+    `fused` (CUDA): torch's fused SGD/AdamW kernels take GradScaler's found_inf on the device; the plain ones
+    make the scaler read it on the host (found_inf.item()) every fp16 step. The CPU keeps the plain path."""
+    fused = fused or None  # None: torch's default implementation choice
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+                               fused=fused)
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=fused)
+    from timm.optim import Lamb, Lars
+
+    if o.optimizer == "lars":
+        return Lars(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, trust_coeff=0.001)
+    if o.optimizer == "lamb":
+        return Lamb(groups, lr=o.lr, betas=tuple(o.betas), max_grad_norm=None)
+    raise ValueError(f"optim.optimizer={o.optimizer!r}: expected sgd, adamw, lars or lamb")
+
+
 @dataclass(frozen=True)
 class StepParts:
     """What train.loop.train_step needs besides the model and the batch, built once per run."""
@@ -104,21 +137,40 @@ class StepParts:
 
 
 def build_step_parts(cfg, model: nn.Module, device: torch.device, heads: tuple[str, ...] | list[str] = ()) -> StepParts:
-    """SGD over `param_groups` (no decay on BN/bias; `heads` keep the full lr, the backbone gets
+    """optim.optimizer over `param_groups` (no decay on BN/bias; `heads` keep the full lr, the backbone gets
     optim.backbone_lr_mult), and one precision code path: `autocast` enabled for bf16/fp16, a GradScaler
     that is a no-op unless fp16 (bf16 has fp32's exponent range). `cfg` is a resolved train.config.Config.
     The trainer and the benchmarks both build their step here, so they measure the same thing."""
     from imt.pipeline.common import torch_dtype
 
     o, dtype = cfg.optim, cfg.precision.dtype
-    optimizer = torch.optim.SGD(
-        param_groups(model, o.weight_decay, no_bn_bias_decay=o.no_bn_bias_decay, head_names=heads,
-                     backbone_lr_mult=o.backbone_lr_mult),
-        lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    optimizer = build_optimizer(o, param_groups(model, o.weight_decay, no_bn_bias_decay=o.no_bn_bias_decay,
+                                                head_names=heads, backbone_lr_mult=o.backbone_lr_mult),
+                                fused=device.type == "cuda")
     return StepParts(optimizer=optimizer,
                      scaler=torch.amp.GradScaler(device.type, enabled=dtype == "float16"),
                      autocast=torch.autocast(device.type, dtype=torch_dtype(dtype), enabled=dtype != "float32"),
                      loss_fn=loss_function(cfg.model.arch, o.label_smoothing))
+
+
+def compile_model(model: nn.Module, shapes: int = 1, **kwargs) -> nn.Module:
+    """torch.compile for training, one static graph per input shape.
+
+    With torch's default `dynamic=None` the second input shape makes dynamo recompile with symbolic shapes,
+    and that one graph then serves every later shape: the full batches too, with kernels generated for an
+    unknown size. The shapes a training run presents, case by case:
+    - the partial last batch and DaliLoader's split batch: gone, compiled training drops the partial last batch
+      (train.config.resolve sets data.drop_last), so every batch has the full size;
+    - progressive resizing: a new resolution is a new shape; `dynamic=False` gives each its own static graph
+      (one compile per resolution, a handful per run), and the recompile limit (8 in torch 2.x) is raised to
+      `shapes`, the number of distinct resolutions, so no resolution falls back to eager;
+    - evaluation: runs the uncompiled module (train.run passes it), so its partial batches compile nothing.
+    tests/train/test_model.py counts the graphs."""
+    import torch._dynamo.config as dynamo
+
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+    setattr(dynamo, name, max(getattr(dynamo, name), shapes))
+    return torch.compile(model, dynamic=False, **kwargs)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

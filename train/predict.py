@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
+from imt.train.checkpoint import describe
 from imt.train.cli import CONTEXT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -36,7 +37,9 @@ class Predictor:
         dev = torch.device(device)
         graph = path / "model.pt2"
         if graph.is_file():  # an export folder with its graph: no model code needed
-            bundle = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+            from imt.train.state import Checkpoint
+            raw = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+            bundle = Checkpoint.from_dict(raw, path / "model.pt").meta()
             model = torch.export.load(graph).module()
         else:  # a checkpoint, or an export folder's model.pt: rebuilt with this project's model code
             from imt.train.export import load_checkpoint_model
@@ -84,9 +87,8 @@ def main(model_path, paths, topk, device, batch_size, as_json):
     try:
         predictor = Predictor.load(model_path, device)
     except Exception as exc:  # noqa: BLE001 - any load failure (missing, truncated, foreign file): one clear message
-        raise click.ClickException(f"cannot load --model {model_path} ({type(exc).__name__}: "
-                                   f"{str(exc).splitlines()[0][:300]}); pass an imt-export folder or a "
-                                   "checkpoint of this project") from exc
+        raise click.ClickException(f"cannot load --model {model_path} ({describe(exc)}); pass an imt-export "
+                                   "folder or a checkpoint of this project") from exc
     files, failed = expand(paths), 0
     if not files:
         raise click.UsageError(f"no image files found in {', '.join(paths)}")

@@ -3,10 +3,11 @@ run recomputes exactly what an uninterrupted one would have used (the only state
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from .config import OptimConfig, RunConfig
+from .config import Config, ConfigError, OptimConfig, RunConfig
 
 
 def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -77,3 +78,69 @@ def resolution_at(epoch: int, run: RunConfig, final: int) -> int:
         return end  # exactly the size asked for, even when it is not a multiple of res_step
     px = run.start_res + (end - run.start_res) * (epoch - run.ramp_start) / (run.ramp_end - run.ramp_start)
     return max(run.res_step, int(round(px / run.res_step)) * run.res_step)
+
+
+def fit_schedule(cfg: Config) -> tuple[Config, list[str]]:
+    """Make the schedule fit this run's length, or refuse what cannot be fitted; returns the config that
+    runs (saved as config.json) and one note per change. A recipe's schedule is written for its own
+    length, and a shorter `--epochs` or another `--resolution` would otherwise silently undo it: a 5-epoch
+    warm-up in a 4-epoch run never reaches the peak lr, a ramp from 128 px to `--resolution 96` trains at
+    128 throughout, a step schedule whose milestones lie past the end never decays."""
+    o, r, d = cfg.optim, cfg.run, cfg.data
+    notes: list[str] = []
+    if o.warmup_epochs > r.epochs / 2:
+        half = r.epochs / 2
+        notes.append(f"note: optim.warmup_epochs={o.warmup_epochs:g} is more than half of run.epochs={r.epochs} "
+                     f"(the lr would barely reach its peak); warm-up clamped to {half:g} epochs")
+        o = replace(o, warmup_epochs=half)
+    if o.schedule == "step":
+        late = [m for m in o.milestones if m >= r.epochs]
+        if late and len(late) == len(o.milestones):
+            # the same fractions of this run (30/60/80 of 90 epochs -> 1/3, 2/3, 8/9 of it)
+            scaled = sorted({min(r.epochs - 1, max(1, round(m * r.epochs * 8 / (9 * max(o.milestones)))))
+                             for m in o.milestones})
+            raise ConfigError(f"optim.schedule=step with optim.milestones={list(o.milestones)}, all at or after "
+                              f"run.epochs={r.epochs}: the lr would never decay. Set milestones inside the run, "
+                              f"e.g. --set optim.milestones={scaled}, or use --set optim.schedule=cosine")
+        if late:
+            notes.append(f"note: optim.milestones {late} are at or after run.epochs={r.epochs} and never apply")
+    if r.start_res:
+        end = r.end_res or d.resolution
+        if r.start_res >= end:
+            notes.append(f"note: progressive resizing off: its start ({r.start_res} px) is not below its end "
+                         f"({end} px, e.g. from --resolution); every epoch trains at {end} px")
+            r = replace(r, start_res=0, end_res=0, ramp_start=0, ramp_end=0)
+            if end != d.resolution:
+                d = replace(d, resolution=end)
+        elif r.ramp_end > r.epochs - 1:
+            last = r.epochs - 1
+            start = min(int(r.ramp_start * last / r.ramp_end), last)
+            notes.append(f"note: the resolution ramp (epochs {r.ramp_start}-{r.ramp_end}) ends after the last "
+                         f"epoch ({last}, 0-based); moved to epochs {start}-{last} so training ends at {end} px")
+            r = replace(r, ramp_start=start, ramp_end=last)
+    return replace(cfg, optim=o, run=r, data=d), notes
+
+
+def _runs(values: list[int]) -> str:
+    """[128, 128, 160, 192, 192] -> '128 x2, 160, 192 x2'."""
+    out: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[i]:
+            j += 1
+        out.append(f"{values[i]}" + (f" x{j - i + 1}" if j > i else ""))
+        i = j + 1
+    return ", ".join(out)
+
+
+def describe_schedule(cfg: Config, steps_per_epoch: int, peak: float) -> str:
+    """One line, printed at start: warm-up steps, peak lr, decay, resolution per epoch."""
+    o, r = cfg.optim, cfg.run
+    total = max(1, steps_per_epoch * r.epochs)
+    warmup = min(int(round(o.warmup_epochs * steps_per_epoch)), total - 1)
+    decay = {"cosine": "cosine to 0", "linear": "linear to 0",
+             "step": f"x{o.gamma:g} at epochs {[m for m in o.milestones if m < r.epochs]}"}.get(o.schedule, o.schedule)
+    res = _runs([resolution_at(e, r, cfg.data.resolution) for e in range(r.epochs)])
+    return (f"schedule: warm-up {warmup} steps ({o.warmup_epochs:g} epochs) to peak lr {peak:.4g}, then {decay} "
+            f"over {total - warmup} steps | train px per epoch: {res} | val {cfg.data.val_resolution} px")

@@ -28,7 +28,8 @@ import torch
 import torchvision
 from torch import nn
 
-from imt.train.checkpoint import CheckpointError, verify_sidecar
+from imt.train.checkpoint import CheckpointError, read_tensors, refuse_nonfinite, verify_sidecar
+from imt.train.state import Checkpoint
 
 # Prefixes that wrappers add to parameter names: DDP and EMA wrappers ("module.") and torch.compile
 # ("_orig_mod."). A LightningModule's attribute name ("model.", "net.", ...) is found by `_submodule`.
@@ -126,13 +127,22 @@ def read_state(source: str | Path, arch: str = "", ema: bool = True) -> tuple[di
         raise PretrainedError(f"{exc}. Copy it again, or use another checkpoint of that run") from exc
     obj = _load_weights_only(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("arch"), str):
-        meta = {k: obj[k] for k in ("arch", "classes", "epoch", "resolution", "resize_ratio", "mean", "std",
-                                    "config") if k in obj}
-        if ema and isinstance(obj.get("ema"), dict) and obj["ema"]:  # AveragedModel: "module." + n_averaged
-            return _strip({k: v for k, v in obj["ema"].items() if k != "n_averaged"}), {**meta, "weights": "EMA"}
-        return _strip(obj["model"]), {**meta, "weights": "raw"}
-    if _is_state_dict(obj):
-        return _strip(obj), {}
+        ckpt = Checkpoint.from_dict(obj, path)  # ours: train/state.py
+        state, which = ckpt.weights(ema)
+        state, meta = _strip(state), {**ckpt.meta(), "weights": which}
+    elif _is_state_dict(obj):
+        state, meta = _strip(obj), {}
+    else:
+        state, meta = _foreign(obj, path, ema)
+    try:
+        refuse_nonfinite(state, path)
+    except CheckpointError as exc:
+        raise PretrainedError(str(exc)) from exc
+    return state, meta
+
+
+def _foreign(obj, path: Path, ema: bool) -> tuple[dict, dict]:
+    """The weights in another tool's checkpoint (_FOREIGN), or PretrainedError saying how to convert it."""
     if isinstance(obj, dict):
         for fmt, ema_key, raw_key, marker in _FOREIGN:
             if marker is not None and marker not in obj:
@@ -159,8 +169,8 @@ def _load_weights_only(path: Path):
     naming them (torch's own message is a thousand characters about a default that changed)."""
     try:
         with torch.serialization.safe_globals(list(_SAFE_CLASSES)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, tampered, or holding pickled objects of other classes
+            return read_tensors(path)  # also names an empty file (a copy that never finished)
+    except CheckpointError as exc:  # empty, truncated, tampered, or holding pickled objects of other classes
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception:  # not a zip torch can read at all
@@ -174,10 +184,8 @@ def _load_weights_only(path: Path):
                 "the file, convert it where those classes import: c = torch.load(path, weights_only=False); "
                 "torch.save(c['state_dict'], 'weights.pth') (or c['model'], or model.state_dict()), "
                 "then pass weights.pth") from exc
-        first = str(exc).splitlines()[0][:200] if str(exc) else ""
-        raise PretrainedError(f"cannot load {path} with weights_only=True ({type(exc).__name__}: {first}). "
-                              "It is corrupt or not a torch file; export plain weights "
-                              "with torch.save(model.state_dict(), path)") from exc
+        raise PretrainedError(f"{exc} Weights from elsewhere: save them as plain tensors with "
+                              "torch.save(model.state_dict(), path)") from exc
 
 
 def load_pretrained(model: nn.Module, source: str | Path, arch: str = "",

@@ -58,11 +58,16 @@ def test_tiny_run_all_cpu_loaders(imagenet_sample, cache, tmp_path):
 
     pipes = {p["loader"]: p for p in res["pipelines"]}
     assert pipes["dali-mixed"]["status"] == "skipped" and "CUDA" in pipes["dali-mixed"]["reason"]
+    assert pipes["dali-cpu-decode"]["status"] == "skipped" and "CUDA" in pipes["dali-cpu-decode"]["reason"]
     ran = ["torch", "folder"] + (["dali-cpu"] if dali else [])
     for kind in ran:
         s = pipes[kind]["img_per_s"]
         assert pipes[kind]["status"] == "ok" and 0 < s["min"] <= s["median"] <= s["max"]
         assert pipes[kind]["ceiling_ratio_eager"] > 0
+        # Every CPU pipeline against the decode-only limit timed in the same run (above 1 only by noise).
+        assert 0.01 < pipes[kind]["limit_fraction"] < 3
+    limit = pipes["decode-only"]
+    assert limit["status"] == "ok" and limit["img_per_s"]["median"] > 0 and limit["images_per_window"] == 2 * 8
 
     train = {(t["mode"], t["loader"]): t for t in res["train"]}
     ceiling = train[("eager", "synthetic")]
@@ -84,7 +89,7 @@ def test_tiny_run_all_cpu_loaders(imagenet_sample, cache, tmp_path):
     assert cfg.model.arch == "resnet18" and cfg.data.batch_size == 8 and cfg.precision.dtype != "auto"
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000
-    assert "| eager | torch |" in r.output and "100% (ceiling)" in r.output and "Profile (torch" in r.output
+    assert "| eager | torch |" in r.output and "100% (ceiling)" in r.output and "100% (limit)" in r.output and "Profile (torch" in r.output
 
 
 def test_sweep_pipelines_only_reuses_cache(imagenet_sample, cache, tmp_path):

@@ -253,6 +253,37 @@ def test_index_not_matching_tar(kind, shard_copy):
         _make(kind, _cfg(shard_copy))
 
 
+@pytest.mark.parametrize("kind", ["dali", "torch"])
+@pytest.mark.parametrize("move", [512, -512, 7])
+def test_index_entry_off_a_member_boundary_is_refused_before_dali_sees_it(kind, move, shard_copy):
+    """A middle .jpg offset moved by 512 bytes made DALI segfault (3 of 6 runs); 512-byte moves stay aligned,
+    so the check is that every member starts after the previous one and its header, from the index alone."""
+    idx = shard_copy / "train-000001.idx"
+    lines = idx.read_text().splitlines()
+    f = lines[6].split()
+    f[1] = str(int(f[1]) + move)
+    lines[6] = " ".join(f)
+    idx.write_text("\n".join(lines) + "\n")
+    key = f[3].split(".")[0]
+    with pytest.raises(ManifestError, match=rf"train-000001.idx line 7: {key}\.\w+ at byte .*is not where a member "
+                                            r".* can start.*imt-verify-shards"):
+        _make(kind, _cfg(shard_copy))
+
+
+def test_dali_names_an_undecodable_sample_of_its_first_batches(shard_copy):
+    """DALI decodes the first batches while the iterator is built: an error there used to escape as DALI's
+    raw `nvImageCodec failure` (or libjpeg's message on the CPU), naming no sample."""
+    from imt.pipeline.manifest import read_index
+
+    offset, size, name = read_index(shard_copy / "val-000000.idx").sample(0)["jpg"]
+    with open(shard_copy / "val-000000.tar", "r+b") as f:
+        f.seek(offset)
+        f.write(b"\0" * size)
+    loader = _make("dali", _cfg(shard_copy), "val", train=False, keys=False)
+    with pytest.raises(RuntimeError, match=rf"sample {name.split('.')[0]} in .*val-000000.tar does not decode"):
+        next(iter(loader))
+
+
 def test_foreign_empty_and_unset_manifest(shard_copy, tmp_path):
     man = shard_copy / "manifest.json"
     good = json.loads(man.read_text())
@@ -282,6 +313,22 @@ def test_undecodable_sample_names_shard_and_key(kind, shard_copy):
     with pytest.raises(RuntimeError, match=rf"{key}.*train-000001.tar|train-000001.tar.*{key}") as e:
         list(loader)
     assert "imt-verify-shards" in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["dali", "torch"])
+def test_label_outside_the_classes_names_shard_and_key(kind, shard_copy):
+    """An edited .lbl (200 with 8 classes) used to end in cross_entropy's `IndexError: Target 200 is out of
+    bounds`, naming no sample; the loader stops first and names the shard and the key."""
+    from imt.pipeline.manifest import read_index
+
+    offset, _, name = read_index(shard_copy / "train-000001.idx").sample(5)["lbl"]
+    with open(shard_copy / "train-000001.tar", "r+b") as f:
+        f.seek(offset)
+        f.write((200).to_bytes(8, "little", signed=True))
+    key = name.split(".")[0]
+    with pytest.raises(ManifestError, match=rf"sample {key} in .*train-000001.tar has label 200, outside \[0, 8\)"
+                                            r".*imt-verify-shards"):
+        list(_make(kind, _cfg(shard_copy), keys=False))
 
 
 def test_validation_exif_rotated_matches_torchvision(tmp_path):
@@ -368,3 +415,16 @@ def test_folder_validation_labels_follow_the_training_classes(synthetic_root, tm
     shutil.copyfile(next((root / "train").rglob("*.JPEG")), root / "val" / "zebras" / "z.JPEG")
     with pytest.raises(ValueError, match="class folders that .* lacks \\(zebras\\)"):
         _make("folder", _cfg(root), split="val", train=False)
+
+
+def test_folder_loader_refuses_a_shard_folder_and_the_cli_says_so(synthetic_shards, tmp_path):
+    """`--loader folder` on a shard folder used to end in a FileNotFoundError traceback."""
+    from click.testing import CliRunner
+
+    from imt.train.run import main
+
+    with pytest.raises(ManifestError, match="holds shards \\(manifest.json\\), not an ImageFolder tree.*--loader dali"):
+        _make("folder", _cfg(synthetic_shards))
+    r = CliRunner().invoke(main, ["--data", str(synthetic_shards), "--loader", "folder", "--out", str(tmp_path / "r"),
+                                  "--device", "cpu", "--arch", "resnet18"])
+    assert r.exit_code == 1 and "not an ImageFolder tree" in r.output and "Traceback" not in r.output, r.output

@@ -58,3 +58,30 @@ def test_foreign_or_inconsistent_manifest(copy):
     (copy / "manifest.json").write_text("{")
     with pytest.raises(ManifestError, match="unreadable"):
         load_manifest(copy)
+
+
+def test_paths_outside_the_folder_and_shards_listed_twice_are_refused(copy, tmp_path):
+    """A tampered manifest: a path that leaves the folder, or a shard counted twice (its samples would be
+    trained on twice per epoch, or a train shard would be evaluated as val)."""
+    good = json.loads((copy / "manifest.json").read_text())
+    for outside in ("../elsewhere/train-000000.tar", str(tmp_path / "train-000000.tar")):
+        d = json.loads(json.dumps(good))
+        d["splits"]["train"]["shards"][0]["file"] = outside
+        (copy / "manifest.json").write_text(json.dumps(d))
+        with pytest.raises(ManifestError, match=r"a path outside .*inside its own folder only"):
+            load_manifest(copy, check_files=False)
+    d = json.loads(json.dumps(good))
+    train = d["splits"]["train"]
+    train["shards"].append(train["shards"][0])
+    train["num_samples"] += train["shards"][0]["num_samples"]
+    (copy / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ManifestError, match=r"train-000000.tar is listed twice \(in split 'train' and in split "
+                                            r"'train'\)"):
+        load_manifest(copy)
+    d = json.loads(json.dumps(good))
+    d["splits"]["val"]["shards"].append(d["splits"]["train"]["shards"][1])
+    d["splits"]["val"]["num_samples"] += d["splits"]["train"]["shards"][1]["num_samples"]
+    (copy / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ManifestError, match=r"train-000001.tar is listed twice \(in split 'train' and in split "
+                                            r"'val'\)"):
+        load_manifest(copy)

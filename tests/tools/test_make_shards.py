@@ -4,8 +4,10 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import imt.pipeline.manifest as pm
 from imt.tools import make_shards as ms
 from imt.tools.make_shards import ShardError, SimulatedInterrupt, make_shards
 
+from .._procs import HAS_PROC, children as _children, running as _running
 from ._shards import dali_read, files_of, link_tree, manifest, odd_files, read_tar, write_tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,6 +189,42 @@ def test_changed_source_files_are_refused_unless_overwrite(synthetic_root, tmp_p
     assert m["splits"]["val"]["num_samples"] == 32
 
 
+def test_overwrite_deletes_only_what_make_shards_wrote(synthetic_root, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    make_shards(synthetic_root, out, splits=["val"], shard_samples=10, progress=False)
+    foreign = {"important-backup.tar": b"tar", "photos.idx": b"idx", "results.tmp": b"tmp",
+               "val-backup.tar": b"v", "train-000000.tar": b"a shard of a split this run did not make"}
+    write_tree(out, foreign)
+    before = files_of(out)
+    with pytest.raises(ShardError, match=r"did not write: important-backup.tar, photos.idx, results.tmp, "
+                                         r"train-000000.tar, val-backup.tar\. .*nothing was deleted"):
+        make_shards(synthetic_root, out, splits=["val"], shard_samples=16, overwrite=True, progress=False)
+    assert files_of(out) == before
+    for name in foreign:
+        (out / name).unlink()
+    m = make_shards(synthetic_root, out, splits=["val"], shard_samples=16, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [
+        f"val-00000{i}.{x}" for i in range(len(m["splits"]["val"]["shards"])) for x in ("idx", "tar")]
+
+    # Resuming an interrupted run removes its own half-written files only.
+    monkeypatch.setenv(ms.FAIL_AFTER_ENV, "1")
+    with pytest.raises(SimulatedInterrupt):
+        make_shards(synthetic_root, tmp_path / "cut", splits=["val"], shard_samples=10, progress=False)
+    monkeypatch.delenv(ms.FAIL_AFTER_ENV)
+    write_tree(tmp_path / "cut", {"results.tmp": b"keep me", "val-000003.tar.tmp": b"half a shard"})
+    make_shards(synthetic_root, tmp_path / "cut", splits=["val"], shard_samples=10, progress=False)
+    assert (tmp_path / "cut" / "results.tmp").read_bytes() == b"keep me"
+    assert not (tmp_path / "cut" / "val-000003.tar.tmp").exists()
+
+    # A manifest.json that make_shards did not write is never read as ours, nor deleted.
+    other = tmp_path / "other"
+    write_tree(other, {"manifest.json": b'{"album": "holidays"}', "a.tar": b"x"})
+    for overwrite in (False, True):
+        with pytest.raises(ShardError, match=r"manifest.json was not written by make_shards"):
+            make_shards(synthetic_root, other, splits=["val"], overwrite=overwrite, progress=False)
+    assert sorted(p.name for p in other.iterdir()) == ["a.tar", "manifest.json"]
+
+
 def test_foreign_output_folder_is_refused(synthetic_root, tmp_path):
     (tmp_path / "thesis.pdf").write_bytes(b"%PDF")
     with pytest.raises(ShardError, match="not empty"):
@@ -261,6 +300,180 @@ def test_max_side_and_quality_reencode_everything(synthetic_root, tmp_path):
     for s in _all_samples(tmp_path, "val"):
         im = Image.open(io.BytesIO(s["jpg"]))
         assert max(im.size) == 128 and ms._jpeg_sof(s["jpg"]) == 0xC0
+
+
+# ---------------------------------------------------------------- symlinks, FIFOs, odd names, permissions
+
+def _jpegs(synthetic_root: Path, n: int) -> list[bytes]:
+    return [f.read_bytes() for f in sorted((synthetic_root / "train").rglob("*.JPEG"))[:n]]
+
+
+def _labels_match_folders(out: Path) -> None:
+    from imt.tools.verify_shards import verify_shards
+
+    m = pm.load_manifest(out)
+    for name in m.splits:
+        for s in _all_samples(out, name):
+            assert m.classes[int(s["cls"])] == s["path"].decode().split("/")[1], s["path"]
+    assert verify_shards(out, progress=False) == []
+
+
+def test_directory_symlink_loops_are_not_followed(synthetic_root, tmp_path):
+    """`train/c0/uplink -> ..` once turned 6 images into 246 samples, 120 of them with another class's label."""
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    imgs = _jpegs(synthetic_root, 8)
+    write_tree(src, {f"train/c{i % 2}/{i}.JPEG": d for i, d in enumerate(imgs[:6])})
+    write_tree(elsewhere, {"x/6.JPEG": imgs[6], "x/7.JPEG": imgs[7]})
+    (src / "train" / "c0" / "uplink").symlink_to("..")             # below a class: never followed
+    (src / "train" / "c1" / "sub").mkdir()
+    (src / "train" / "c1" / "sub" / "self").symlink_to(".")
+    (src / "train" / "loop").symlink_to(".")                       # a "class" holding the split
+    (src / "train" / "c2").symlink_to(src / "train" / "c1")        # a second name for c1
+    (src / "train" / "c3").symlink_to(elsewhere / "x")             # a linked class folder: followed
+    (src / "again").symlink_to(".")                                # a "split" holding --src
+    m = make_shards(src, tmp_path / "out", progress=False)
+    assert list(m["splits"]) == ["train"] and m["classes"] == ["c0", "c1", "c3"]
+    train = m["splits"]["train"]
+    assert (train["inputs"], train["num_samples"]) == (8, 8)
+    reasons = {lo["path"]: lo["reason"] for lo in train["left_out"]}
+    assert reasons.keys() == {"train/c0/uplink", "train/c1/sub/self", "train/loop", "train/c2"}
+    assert "not followed" in reasons["train/c0/uplink"] and "loop" in reasons["train/loop"]
+    assert reasons["train/c2"].startswith("the same folder as c1/")
+    _labels_match_folders(tmp_path / "out")
+    assert "left out train/c0/uplink: directory symlink" in ms.summary(m)
+    with pytest.raises(ShardError, match=r"again points at .*, which holds --src \(a directory symlink loop\)"):
+        make_shards(src, tmp_path / "out2", splits=["again"], progress=False)
+
+
+def test_fifos_broken_symlinks_and_odd_names_do_not_stop_the_run(synthetic_root, tmp_path):
+    """A FIFO named pipe.jpg hung the run for ever; a file symlink loop, a dangling symlink and a non-UTF-8
+    name each ended it with a traceback. Run as a subprocess so that a hang fails instead of blocking."""
+    src = tmp_path / "src"
+    a, b, c = _jpegs(synthetic_root, 3)
+    write_tree(src, {"train/c0/a.JPEG": a, "train/c1/b.JPEG": b, "train/c1/café and space.JPEG": c})
+    c0 = src / "train" / "c0"
+    os.mkfifo(c0 / "pipe.jpg")
+    (c0 / "dangling.jpg").symlink_to(c0 / "gone.jpg")
+    (c0 / "loop.jpg").symlink_to("loop.jpg")
+    (c0 / "b.JPEG").symlink_to(src / "train" / "c1" / "b.JPEG")  # a file symlink: followed
+    for folder in (os.fsencode(src / "train") + b"/n\xe9", os.fsencode(c0) + b"/sub\xe9"):  # a class, a subfolder
+        os.mkdir(folder)
+        with open(folder + b"/x.jpg", "wb") as f:
+            f.write(a)
+    with open(os.fsencode(c0) + b"/caf\xe9.jpg", "wb") as f:  # Latin-1 name, not UTF-8
+        f.write(a)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "imt.tools.make_shards", "--src", str(src), "--out", str(out),
+                        "--workers", "2", "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    train = manifest(out)["splits"]["train"]
+    assert (train["inputs"], train["num_samples"], train["skipped"], train["ignored"]) == (4, 4, [], 1)  # the FIFO
+    assert {lo["path"]: lo["reason"] for lo in train["left_out"]} == {
+        "train/c0/dangling.jpg": "dangling symlink (its target does not exist)",
+        "train/c0/loop.jpg": "symlink loop",
+        "train/c0/caf\\xe9.jpg": ms._NOT_UTF8, "train/c0/sub\\xe9": ms._NOT_UTF8,
+        "train/n\\xe9": f"folder {ms._NOT_UTF8}"}
+    assert manifest(out)["classes"] == ["c0", "c1"]
+    assert "left out train/c0/caf\\xe9.jpg: name is not valid UTF-8" in r.stdout
+    _labels_match_folders(out)
+    # A FIFO put where a listed file was is refused when read, not waited on.
+    assert ms._check_task((0, str(c0 / "pipe.jpg"), str(tmp_path / "c.jpg"), ms.Convert()))[1].skipped == \
+        "not a regular file"
+
+
+def _class_tree(src: Path, synthetic_root: Path) -> None:
+    a, b, c = _jpegs(synthetic_root, 3)
+    write_tree(src, {"train/c0/a.JPEG": a, "train/c1/b.JPEG": b, "train/c1/c.JPEG": c, "train/c2/x.JPEG": a,
+                     "train/empty/notes.txt": b"no images here", "train/broken/bad.JPEG": b"not a jpeg"})
+
+
+def _deny(monkeypatch, *paths: Path) -> None:
+    """Reads of `paths` fail with EACCES, as under mode 000 without root's override (these tests run as root
+    too, where chmod would not stop a read)."""
+    denied = {str(p) for p in paths}
+    scandir, listdir, open_ = os.scandir, os.listdir, os.open
+
+    def deny(path):
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path) in denied:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+
+    monkeypatch.setattr(os, "scandir", lambda path=".": deny(path) or scandir(path))
+    monkeypatch.setattr(os, "listdir", lambda path=".": deny(path) or listdir(path))
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: deny(path) or open_(path, *a, **k))
+
+
+def test_unreadable_or_empty_class_folders_are_refused_or_listed(synthetic_root, tmp_path, monkeypatch, capsys):
+    """An unreadable class folder was dropped silently (exit 0, a class with 0 samples)."""
+    src = tmp_path / "src"
+    _class_tree(src, synthetic_root)
+    _deny(monkeypatch, src / "train" / "c0", src / "train" / "c1" / "c.JPEG")
+    with pytest.raises(ShardError, match=r"2 class folder\(s\) hold no image files: train/c0/ \(unreadable folder: "
+                                         r"Permission denied\), train/empty/\. .*--allow-empty-classes"):
+        make_shards(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()  # refused before any output
+    (src / "train" / "empty").rename(src / ".empty")  # hidden: not a class
+    with pytest.raises(ShardError, match=r"1 class folder\(s\) hold no image files: train/c0/ \(unreadable"):
+        make_shards(src, tmp_path / "out", progress=False)
+    m = make_shards(src, tmp_path / "out", allow_empty_classes=True, progress=False)
+    assert "warning: 1 class folder(s) hold no image files: train/c0/" in capsys.readouterr().err
+    train = m["splits"]["train"]
+    assert m["classes"] == ["broken", "c0", "c1", "c2"]
+    assert train["left_out"] == [{"path": "train/c0", "reason": "unreadable folder: Permission denied"}]
+    assert {sk["path"]: sk["reason"] for sk in train["skipped"]} == {
+        "train/c1/c.JPEG": "unreadable: Permission denied", "train/broken/bad.JPEG": "not a recognised image format"}
+    # A class folder whose every file is skipped is refused after the check; allowed, the run resumes.
+    monkeypatch.undo()
+    _deny(monkeypatch, src / "train")
+    with pytest.raises(ShardError, match=r"train: cannot list the split folder \(Permission denied\); make it "):
+        make_shards(src, tmp_path / "out2", progress=False)
+    monkeypatch.undo()
+    with pytest.raises(ShardError, match=r"1 class folder\(s\) have no usable image \(every file was skipped\): "
+                                         r"train/broken/ \(not a recognised image format\)"):
+        make_shards(src, tmp_path / "out2", progress=False)
+    m = make_shards(src, tmp_path / "out2", allow_empty_classes=True, progress=False)
+    assert m["splits"]["train"]["num_samples"] == 4 and m["classes"] == ["broken", "c0", "c1", "c2"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads mode-000 folders; the test above simulates EACCES")
+def test_mode_000_class_folder_is_refused(synthetic_root, tmp_path):
+    src = tmp_path / "src"
+    _class_tree(src, synthetic_root)
+    shutil.rmtree(src / "train" / "empty")
+    (src / "train" / "c0").chmod(0)
+    try:
+        with pytest.raises(ShardError, match=r"train/c0/ \(unreadable folder: Permission denied\)"):
+            make_shards(src, tmp_path / "out", progress=False)
+    finally:
+        (src / "train" / "c0").chmod(0o755)
+
+
+def test_empty_splits_and_datasets_of_no_images_are_errors(synthetic_root, tmp_path, capsys):
+    """An empty split folder was told it had "the ILSVRC2012 flat val layout"; 0 images exited 0."""
+    from click.testing import CliRunner
+
+    src = tmp_path / "src"
+    (src / "val").mkdir(parents=True)
+    r = CliRunner().invoke(ms.main, ["--src", str(src), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert r.exit_code == 1 and "holds no images" in r.output and "ILSVRC2012" not in r.output, r.output
+    with pytest.raises(ShardError, match=r"val holds no image files and no class folders: put <class>/<image>"):
+        make_shards(src, tmp_path / "o", splits=["val"], progress=False)
+    write_tree(src, {"train/c0/a.JPEG": _jpegs(synthetic_root, 1)[0]})
+    m = make_shards(src, tmp_path / "o", progress=False)  # the empty split found by default is left out
+    assert "leaving out split 'val': " in capsys.readouterr().err
+    assert list(m["splits"]) == ["train"] and m["splits"]["train"]["num_samples"] == 1
+
+    write_tree(src, {"test/c0/notes.txt": b"", "bad/c0/bad.JPEG": b"not a jpeg"})
+    (src / "dangling" / "c0").mkdir(parents=True)
+    (src / "dangling" / "c0" / "x.JPEG").symlink_to(src / "gone.JPEG")
+    with pytest.raises(ShardError, match=r"split 'test' has no image file that can be read: fix"):
+        make_shards(src, tmp_path / "o2", splits=["test"], allow_empty_classes=True, progress=False)
+    with pytest.raises(ShardError, match=r"split 'dangling' has no image file that can be read \(1 paths left out, "
+                                         r"e.g. dangling/c0/x.JPEG: dangling symlink"):
+        make_shards(src, tmp_path / "o2", splits=["dangling"], progress=False)
+    with pytest.raises(ShardError, match=r"every one of the 1 files of split 'bad' was skipped \(e.g. bad/c0/bad.JPEG: "
+                                         r"not a recognised image format\)"):
+        make_shards(src, tmp_path / "o2", splits=["bad"], allow_empty_classes=True, progress=False)
 
 
 # ---------------------------------------------------------------- real ImageNet files and layouts
@@ -404,9 +617,12 @@ def test_tar_header_equals_tarfiles(name, size):
     assert ms._tar_header(name, size) == ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
 
 
-def test_format_names_agree_with_pipeline_manifest():
-    assert (ms.FORMAT, ms.VERSION, ms.MANIFEST_NAME, ms.INDEX_VERSION, ms.PROGRESS_NAME) == (
-        pm.FORMAT, pm.VERSION, pm.MANIFEST_NAME, pm.INDEX_VERSION, pm.PROGRESS_NAME)
+def test_format_names_come_from_pipeline_manifest_without_torch():
+    """One definition of the format's names; importing it must not load torch (2.3 s in every worker)."""
+    assert (ms.FORMAT, ms.VERSION, ms.MANIFEST_NAME, ms.INDEX_VERSION, ms.PROGRESS_NAME, ms.shard_stem) == (
+        pm.FORMAT, pm.VERSION, pm.MANIFEST_NAME, pm.INDEX_VERSION, pm.PROGRESS_NAME, pm.shard_stem)
+    code = "import sys, tools.make_shards, pipeline.orphans; assert 'torch' not in sys.modules, 'torch loaded'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def test_bad_arguments_say_what_to_do(synthetic_root, tmp_path):
@@ -414,6 +630,35 @@ def test_bad_arguments_say_what_to_do(synthetic_root, tmp_path):
         make_shards(synthetic_root, tmp_path, splits=["test"], progress=False)
     with pytest.raises(ShardError, match="quality"):
         make_shards(synthetic_root, tmp_path, quality=0, progress=False)
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="reads processes from /proc (Linux)")
+def test_workers_and_resource_tracker_end_when_the_main_process_is_killed(tmp_path):
+    """kill -9 of make_shards left its workers and the resource tracker running (9 of 9 trials)."""
+    code = ("import os, sys, time\nfrom tools import make_shards as ms\npool = ms._pool(2)\n"
+            "busy = [pool.submit(time.sleep, 300) for _ in range(2)]\n"
+            "while len(pool._processes) < 2: time.sleep(0.05)\nprint('ready', flush=True)\ntime.sleep(300)\n")
+    main = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    kids: set[int] = set()
+    try:
+        assert main.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 30
+        while len(kids := _children(main.pid)) < 3 and time.monotonic() < deadline:  # 2 workers + the tracker
+            time.sleep(0.1)
+        assert len(kids) == 3, kids
+        time.sleep(1.0)  # let the workers reach their task
+        main.kill()
+        main.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_running, kids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [k for k in kids if _running(k)], "processes outlived the killed main process"
+    finally:
+        main.kill()
+        for k in kids:
+            if _running(k):
+                os.kill(k, signal.SIGKILL)
 
 
 def test_cli_module_and_entry_point(synthetic_root, tmp_path):

@@ -137,7 +137,7 @@ def test_resume_auto_under_ddp_loads_rank0s_choice(tmp_path, monkeypatch):
     from imt.train import dist
     from imt.train.checkpoint import save_checkpoint
     from imt.train.dist import DistInfo
-    from imt.train.run import agree_on_resume
+    from imt.train.trainer import agree_on_resume
 
     rank1 = DistInfo(rank=1, world_size=2)
     ckpt = save_checkpoint({"model": {}, "arch": "resnet18", "step": 7}, tmp_path / "epoch0001-step00000007.pt")
@@ -154,3 +154,77 @@ def test_resume_auto_under_ddp_loads_rank0s_choice(tmp_path, monkeypatch):
     monkeypatch.setattr(dist, "broadcast_object", lambda obj, info, src=0: obj)  # rank 0, one process
     assert agree_on_resume(tmp_path / "empty", DistInfo()) is None
     assert agree_on_resume(tmp_path, DistInfo())[0] == ckpt
+
+
+def test_empty_checkpoint_is_skipped_by_auto_and_refused_by_name(tmp_path):
+    """A 0-byte file (a save or copy that never wrote; torch.load raises an EOFError without a message):
+    --resume auto falls back to the previous checkpoint, an explicit path is refused, both saying why."""
+    ck = CheckpointDir(tmp_path, keep_last=5, is_main=True)
+    for step in (4, 8):
+        ck.save(_state(step), epoch=step // 4, step=step)
+    newest = list_checkpoints(tmp_path)[0]
+    newest.write_bytes(b"")
+    newest.with_name(newest.name + ".sha256").unlink()  # a bare copy: no digest to catch it first
+    with pytest.warns(UserWarning, match=r"skipping epoch0002-step00000008.pt: .* is empty \(0 bytes\)"):
+        path, state = find_resume(tmp_path)
+    assert path.name == "epoch0001-step00000004.pt" and state["step"] == 4
+    with pytest.warns(UserWarning, match="without an integrity check"):
+        with pytest.raises(CheckpointError, match=r"empty \(0 bytes\).*earlier checkpoint"):
+            load_checkpoint(newest)
+
+
+def test_empty_or_nonfinite_pretrained_is_refused(tmp_path):
+    import torchvision
+
+    from imt.train.transfer import PretrainedError, load_pretrained
+
+    zero = tmp_path / "zero.pt"
+    zero.write_bytes(b"")
+    with pytest.raises(PretrainedError, match=r"empty \(0 bytes\)"):
+        load_pretrained(torchvision.models.resnet18(num_classes=2), zero, "resnet18")
+    weights = torchvision.models.resnet18(num_classes=2).state_dict()
+    weights["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(weights, tmp_path / "nan.pth")
+    with pytest.raises(PretrainedError, match=r"NaN/inf values in 1 tensor\(s\) \(layer2.0.conv1.weight\)"):
+        load_pretrained(torchvision.models.resnet18(num_classes=2), tmp_path / "nan.pth", "resnet18")
+
+
+def test_nonfinite_checkpoint_is_refused_and_auto_falls_back(tmp_path):
+    ck = CheckpointDir(tmp_path, keep_last=5, is_main=True)
+    ck.save(_state(4), epoch=1, step=4)
+    bad = _state(8)
+    bad["model"]["w"][3, 5] = float("inf")
+    ck.save(bad, epoch=2, step=8)  # sidecar matches: the values themselves are broken
+    with pytest.raises(CheckpointError, match=r"NaN/inf values in 1 tensor\(s\) \(model.w\)"):
+        load_checkpoint(tmp_path / "epoch0002-step00000008.pt")
+    with pytest.warns(UserWarning, match="skipping epoch0002-step00000008.pt"):
+        assert find_resume(tmp_path)[1]["step"] == 4
+
+
+def test_disk_full_while_saving_keeps_the_previous_and_removes_the_partial(tmp_path, monkeypatch):
+    """The disk fills part-way through torch.save (it then raises 'unexpected pos ...' with the OSError only
+    as its context): the error says where and how much, no .tmp is left, the previous checkpoint stays."""
+    import errno
+    import io
+
+    from imt.train import checkpoint
+
+    ck = CheckpointDir(tmp_path, keep_last=1, is_main=True)
+    ck.save(_state(4), epoch=1, step=4, best=True)
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            if self.tell() + len(data) > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(checkpoint, "open", lambda p, mode="r": FullDisk(p, mode) if "w" in mode else open(p, mode),
+                        raising=False)
+    big = _state(8)
+    big["model"]["w"] = torch.zeros(512, 1024)  # 2 MB
+    with pytest.raises(CheckpointError, match=rf"no space left on {tmp_path}: 2 MB needed .* MB free"):
+        ck.save(big, epoch=2, step=8, best=True)
+    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch0001-step00000004.pt"]
+    assert load_checkpoint(tmp_path / "epoch0001-step00000004.pt")["step"] == 4
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 4

@@ -86,10 +86,43 @@ def test_resolve_cpu_precision():
 @pytest.mark.parametrize("key,value,message", [
     ("run.max_steps_per_epoch", -1, "max_steps_per_epoch=-1"), ("optim.backbone_lr_mult", -1, "backbone_lr_mult=-1"),
     ("data.val_resize_ratio", 0, "val_resize_ratio=0"), ("data.min_area", 2, "min_area=2"),
-    ("optim.momentum", -3, "momentum=-3"), ("optim.weight_decay", -1, "weight_decay=-1")])
+    ("optim.momentum", -3, "momentum=-3"), ("optim.weight_decay", -1, "weight_decay=-1"),
+    ("optim.optimizer", "adam", "expected one of sgd, adamw, lars, lamb"), ("optim.betas", [0.9], "two values"),
+    ("optim.grad_clip", -1, "grad_clip=-1"), ("optim.grad_accum", 0, "grad_accum=0"), ("optim.cutmix", -1, "cutmix=-1"),
+    ("data.auto_augment", "rand", "auto_augment=.rand."), ("data.random_erase", 1.5, "random_erase=1.5")])
 def test_out_of_range_values_are_refused(key, value, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, {"data.loader": "synthetic", key: value})
+
+
+@pytest.mark.parametrize("major,expected", [(7, "float16"), (8, "bfloat16"), (9, "bfloat16")])
+@pytest.mark.parametrize("old_torch", [False, True])
+def test_resolve_cuda_auto_precision_ignores_emulated_bf16(monkeypatch, major, expected, old_torch):
+    """V100/T4 (capability 7) emulate bf16, and is_bf16_supported() says True there: auto must pick fp16."""
+    def is_bf16_supported(including_emulation: bool = True):  # torch's semantics for a GPU of `major`
+        return major >= 8 or including_emulation
+
+    def old_is_bf16_supported():  # torch < 2.3 had no argument and counted emulation
+        return True
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", old_is_bf16_supported if old_torch else is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    cfg = load_config(None, {"data.loader": "synthetic"})
+    r = resolve(cfg, torch.device("cuda", 0))
+    assert r.precision.dtype == r.data.dtype == expected
+
+
+def test_negative_workers_and_a_vit_at_another_size_are_refused():
+    with pytest.raises(ConfigError, match=r"data.workers=-3: loader threads/processes per rank, 0 or more"):
+        load_config(None, {"data.loader": "synthetic", "data.workers": -3})
+    with pytest.raises(ConfigError, match=r"model.arch=vit_b_16 takes 224x224 px images only .* uses 64 px: pass "
+                                          r"--resolution 224"):
+        load_config(None, {"data.loader": "synthetic", "model.arch": "vit_b_16", "data.resolution": 64,
+                           "data.val_resolution": 64})
+    with pytest.raises(ConfigError, match=r"uses 128, 224 px"):  # a progressive-resizing ramp from 128 px
+        load_config(None, {"data.loader": "synthetic", "model.arch": "vit_b_16", "run.start_res": 128})
+    load_config(None, {"data.loader": "synthetic", "model.arch": "vit_b_16", "data.resolution": 224})
+    load_config(None, {"data.loader": "synthetic", "model.arch": "resnet18", "data.resolution": 64})
 
 
 def test_remote_cache_settings_are_typed_and_checked():

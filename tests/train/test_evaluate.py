@@ -103,3 +103,23 @@ def test_two_rank_reduction_equals_single_process(tmp_path):
         r = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
         assert (r["top1"], r["top5"], r["count"]) == (single.top1, single.top5, 5)
         assert torch.equal(r["cm"], single.confusion)
+
+
+def test_confusion_is_counted_without_bincount(monkeypatch):
+    """CUDA's bincount syncs with the host twice per batch; the counts must come from scatter_add_ and
+    match a count by hand."""
+    monkeypatch.setattr(torch, "bincount", lambda *a, **k: pytest.fail("evaluate called torch.bincount"))
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(50, 7, generator=g), torch.randint(0, 7, (50,), generator=g)
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            return logits[x[:, 0, 0, 0].long()]
+
+    batches = [(torch.arange(i, min(i + 8, 50)).float().view(-1, 1, 1, 1).expand(-1, 3, 2, 2), labels[i:i + 8])
+               for i in range(0, 50, 8)]
+    r = evaluate(Model(), batches, contextlib.nullcontext(), DistInfo(), 7)
+    want = torch.zeros(7, 7, dtype=torch.int64)
+    for t, p in zip(labels.tolist(), logits.argmax(1).tolist()):
+        want[t, p] += 1
+    assert torch.equal(r.confusion, want) and r.count == 50

@@ -46,3 +46,55 @@ def test_frozen_parameters_are_left_out():
     model.fc.weight.requires_grad_(True)
     groups = param_groups(model, 1e-4)
     assert [len(g["params"]) for g in groups] == [1]
+
+
+@pytest.mark.parametrize("device,fused", [("cpu", None), ("cuda", True)])
+def test_sgd_is_fused_on_cuda_only(monkeypatch, device, fused):
+    """On CUDA the fused SGD takes GradScaler's found_inf on the device (no .item() per fp16 step)."""
+    from imt.train.config import load_config, resolve
+    from imt.train.model import build_step_parts
+
+    made = {}
+
+    class SGD(torch.optim.SGD):
+        def __init__(self, params, **kw):
+            made.update(kw)
+            super().__init__(params, **{**kw, "fused": None})  # built on the CPU here either way
+
+    monkeypatch.setattr(torch.optim, "SGD", SGD)
+    cfg = resolve(load_config(None, {"data.loader": "synthetic", "precision.dtype": "float32"}), torch.device("cpu"))
+    build_step_parts(cfg, torch.nn.Linear(3, 2), torch.device(device))
+    assert made["fused"] is fused
+
+
+def test_compiled_training_makes_one_static_graph_per_resolution():
+    """Progressive resizing presents a few resolutions: each gets its own static graph, and going back to an
+    earlier one reuses it (torch's default dynamic=None would recompile the second one with symbolic sizes
+    and run every later shape through that graph)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from imt.train.model import compile_model
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    net = compile_model(model, shapes=3, backend=counter)
+    for px in (16, 16, 24, 24, 16, 32, 32):
+        net(torch.randn(4, 3, px, px)).sum().backward()
+    assert counter.frame_count == 3
+    for graph in counter.graphs:
+        sizes = [d for n in graph.graph.nodes if n.op == "placeholder" and "example_value" in n.meta
+                 for d in getattr(n.meta["example_value"], "shape", ())]
+        assert sizes and all(isinstance(d, int) for d in sizes), sizes  # no symbolic sizes
+    torch._dynamo.reset()
+
+
+def test_compiled_training_drops_the_partial_last_batch():
+    from imt.train.config import load_config, resolve
+
+    cfg = load_config(None, {"data.loader": "synthetic", "model.compile": True, "precision.dtype": "float32"})
+    assert cfg.data.drop_last is False and resolve(cfg, torch.device("cpu")).data.drop_last is True
+    eager = load_config(None, {"data.loader": "synthetic", "precision.dtype": "float32"})
+    assert resolve(eager, torch.device("cpu")).data.drop_last is False

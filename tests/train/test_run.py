@@ -256,7 +256,7 @@ def test_progressive_resizing_reaches_the_loader_and_tensorboard_gets_the_scalar
                                                                                    monkeypatch):
     """A real run with run.start_res: the batches the model sees grow 32 -> 48 -> 64 px over the epochs (not only
     the logged number), and TensorBoard receives every metric per epoch."""
-    import imt.train.run as run_mod
+    import imt.train.trainer as run_mod
 
     seen: list[set] = []
     real_epoch = run_mod.train_one_epoch
@@ -301,12 +301,13 @@ def test_a_used_out_is_refused_for_a_fresh_run_and_a_finished_run_is_left_alone(
 
     first = train(_cfg(tmp_path, **{"run.epochs": 2}))
     out = tmp_path / "run"
-    files = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    files = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "run.lock"}
     with pytest.raises(ConfigError, match="already holds checkpoints .*--resume auto.*new --out"):
         train(_cfg(tmp_path, **{"run.epochs": 2}))
     again = train(_cfg(tmp_path, **{"run.epochs": 2, "run.resume": "auto"}))
     assert again["already_done"] and again["final"] == first["final"]
-    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files  # nothing rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")
+            if p.is_file() and p.name != "run.lock"} == files  # nothing rewritten but the run lock
 
 
 def test_resume_applies_this_runs_optimizer_settings_and_reads_checkpoints_in_epoch_order(tmp_path, capsys):
@@ -326,7 +327,7 @@ def test_resume_applies_this_runs_optimizer_settings_and_reads_checkpoints_in_ep
 
 def test_broken_weights_are_never_checkpointed(tmp_path, monkeypatch):
     """The loss is checked before each update; weights broken by an epoch's last update must not be saved."""
-    import imt.train.run as run_mod
+    import imt.train.trainer as run_mod
     from imt.train.loop import NonFiniteLoss
 
     real_epoch = run_mod.train_one_epoch
@@ -341,3 +342,38 @@ def test_broken_weights_are_never_checkpointed(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLoss, match="weights hold NaN/inf after epoch 1"):
         train(_cfg(tmp_path, **{"run.epochs": 1}))
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+def test_the_schedule_is_fitted_to_the_run_and_printed_once(tmp_path, capsys):
+    """A warm-up longer than half the run is clamped (config.json records what ran) and the resolved schedule
+    is printed at start."""
+    train(_cfg(tmp_path, **{"run.epochs": 2, "optim.warmup_epochs": 5}))
+    out = capsys.readouterr().out
+    assert "warm-up clamped to 1 epochs" in out
+    assert out.count("schedule: warm-up 4 steps (1 epochs) to peak lr") == 1 and "train px per epoch: 32 x2" in out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["warmup_epochs"] == 1
+
+
+def test_lamb_with_accumulation_clipping_and_mixing_trains_and_resume_keeps_its_optimizer(tmp_path, capsys,
+                                                                                           monkeypatch):
+    import imt.train.trainer as run_mod  # the epoch driver calls train_one_epoch
+
+    seen = []
+    real_epoch = run_mod.train_one_epoch
+
+    def spy(*args, **kwargs):
+        seen.append({k: kwargs[k] for k in ("grad_clip", "grad_accum", "batch_transform")})
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "train_one_epoch", spy)
+    over = {"run.epochs": 1, "optim.optimizer": "lamb", "optim.lr": 0.004, "optim.weight_decay": 0.02,
+            "optim.grad_accum": 2, "optim.grad_clip": 1.0, "optim.mixup": 0.2, "optim.cutmix": 1.0}
+    summary = train(_cfg(tmp_path, **over))
+    assert "global batch 16" in capsys.readouterr().out  # 8 per batch x 2 accumulated
+    assert seen[0]["grad_clip"] == 1.0 and seen[0]["grad_accum"] == 2 and seen[0]["batch_transform"] is not None
+    state = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[0])
+    assert "exp_avg" in next(iter(state["optimizer"]["state"].values()))  # Lamb's state, not SGD's momentum
+    assert summary["final"] is not None
+    from imt.train.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="trained with optim.optimizer=lamb.*--set optim.optimizer=lamb"):
+        train(_cfg(tmp_path, **{**over, "run.epochs": 2, "optim.optimizer": "sgd", "run.resume": "auto"}))
