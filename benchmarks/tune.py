@@ -42,7 +42,7 @@ import yaml
 from imt.benchmarks.common import BenchData, environment, prepare_data
 from imt.benchmarks.limit import NAME as LIMIT
 from imt.benchmarks.limit import DecodeOnly
-from imt.benchmarks.run import CPU_DEFAULTS, GPU_DEFAULTS, LOADERS, Bench, Item, Step, ceiling_config, loader_config, \
+from imt.benchmarks.run import CPU_DEFAULTS, GPU_DEFAULTS, Bench, Item, Step, ceiling_config, loader_config, \
     measure, say, unavailable
 from imt.benchmarks.shards import DEFAULT_SRC
 from imt.pipeline.config import DataConfig

@@ -229,8 +229,16 @@ class ShardCache:
             if old.name not in specs:
                 old.unlink()
                 old.with_name(f"{old.name[:-4]}.idx").unlink(missing_ok=True)
-        with ThreadPoolExecutor(self.workers) as pool:
-            list(pool.map(self.fetch, specs))
+        missing = [n for n, spec in specs.items()
+                   if not ((self.dir / n).is_file() and spec["bytes"] in (None, (self.dir / n).stat().st_size))]
+        from tqdm import tqdm
+
+        with ThreadPoolExecutor(self.workers) as pool, \
+                tqdm(total=sum(specs[n]["bytes"] or 0 for n in missing), unit="B", unit_scale=True,
+                     desc=f"fetch {self.url}", disable=not missing) as bar:
+            for path in pool.map(self.fetch, specs):
+                if path.name in missing:
+                    bar.update(specs[path.name]["bytes"] or 0)
         local = json.loads(json.dumps(m))
         for split in local.get("splits", {}).values():
             for s in split.get("shards", []):

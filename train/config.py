@@ -271,6 +271,7 @@ def validate(cfg: Config) -> None:
     _check(not d.verify or d.loader in ("dali", "torch"), f"data.verify checks shards; loader {d.loader!r} reads "
            "none (drop --verify, or make shards with imt-make-shards and use --loader dali or torch)")
     _check(d.batch_size > 0, f"data.batch_size={d.batch_size}: must be positive")
+    _check(d.cache_limit >= 0, f"data.cache_limit={d.cache_limit}: GiB of shards kept from a --data URL, 0 = no limit")
     _check(d.workers >= 0, f"data.workers={d.workers}: loader threads/processes per rank, 0 or more (torch: 0 "
                            "loads in the training process)")
     _check(d.resolution >= 16 and d.val_resolution >= 16, "data.resolution/val_resolution: at least 16 px")

@@ -86,8 +86,9 @@ def print_summary(summary: dict) -> None:
 @click.option("--device", show_default=recipe_default('run.device'), type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--pretrained", show_default=recipe_default('model.pretrained'),
               help="Start from these weights: one of our checkpoints, a torchvision state dict "
-              "file, a timm / Lightning / torchvision-references checkpoint, or torchvision:<arch> from the torch hub cache (nothing is downloaded). The classifier is "
-              "replaced when the classes differ; every key that does not fit is reported.")
+              "file, a timm / Lightning / torchvision-references checkpoint, or torchvision:<arch> from the torch "
+              "hub cache (nothing is downloaded). The classifier is replaced when the classes differ; every key "
+              "that does not fit is reported.")
 @click.option("--finetune", show_default=recipe_default('model.finetune'),
               type=click.Choice(["full", "linear"]), help="With --pretrained: 'full' trains "
               "everything (backbone at optim.backbone_lr_mult x the lr), 'linear' only the new classifier.")

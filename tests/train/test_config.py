@@ -156,3 +156,10 @@ def test_data_wait_note_names_imt_tune():
     assert data_wait_note(0.05, "/data/shards") is None
     note = data_wait_note(0.4, "/data/shards")
     assert "40%" in note and "imt-tune" in note and "--data /data/shards" in note and "--tune" in note
+
+def test_remote_cache_settings_are_typed_and_checked():
+    cfg = load_config(None, {"data.path": "s3://bucket/shards", "data.cache_limit": "200",
+                             "data.cache_dir": "/scratch"})
+    assert cfg.data.cache_limit == 200.0 and cfg.data.cache_dir == "/scratch"
+    with pytest.raises(ConfigError, match="data.cache_limit=-1"):
+        load_config(None, {"data.path": "x", "data.cache_limit": -1})
