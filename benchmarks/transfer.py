@@ -162,8 +162,9 @@ Machine: {"GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() els
 {torch.get_num_threads()} torch thread(s). {arch} at {resolution} px, folder loader. Pretraining: classes {', '.join(old)}
 {pre_text}. New task: {', '.join(new)}, {' or '.join(map(str, per_class))} train images per class drawn
 with each seed ({', '.join(map(str, seeds))}; the seed also seeds training), evaluated on all their val images.
-Fine-tune and scratch runs share recipes/finetune.yaml (lr 0.8 per 256, backbone x1, 1 warm-up epoch, cosine;
-finetune-full-backbone0.1: head lr 0.4 per 256, backbone x0.1; scratch-lr0.4: lr 0.4), batch {batch_size}, {finetune_epochs} epochs
+Fine-tune and scratch runs share recipes/finetune.yaml (lr 0.8 per 256, backbone x1, 1 warm-up epoch,
+cosine; finetune-full-backbone0.1: head lr 0.4 per 256, backbone x0.1; scratch-lr0.4: lr 0.4),
+batch {batch_size}, {finetune_epochs} epochs
 ({steps}); within each lr, only the initial weights differ. The pretrained classifier is replaced.
 
     {cmd}
