@@ -75,6 +75,33 @@ def prepare_data(images: Path, count: int, cache: Path, *, workers: int, log: Ca
     return BenchData(shards, tree, str(images))
 
 
+def bench_device(device: str) -> torch.device:
+    """A benchmark command's --device (auto | cpu | cuda) as a torch device; cuda without one is refused."""
+    import click
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda, but torch sees no CUDA device; use --device cpu")
+    return torch.device("cuda:0" if (device == "cuda" or (device == "auto" and torch.cuda.is_available())) else "cpu")
+
+
+def bench_data(data_dir: str | None, images: str, count: int, cache: str, log: Callable[[str], None],
+               folder: str | None = None) -> BenchData:
+    """--data DIR as it is, else `images` replicated to `count` and sharded (prepare_data); `folder`: an
+    ImageFolder tree for the folder loader instead of the replicated one."""
+    import click
+    from dataclasses import replace
+
+    if data_dir:
+        return BenchData(Path(data_dir).resolve(), Path(folder).resolve() if folder else None, str(data_dir))
+    try:
+        # make_shards' worker processes take ~2 s each to start: not worth it for a tiny set.
+        data = prepare_data(Path(images), count, Path(cache), workers=min(os.cpu_count() or 1, 1 + count // 1000),
+                            log=log)
+    except FileNotFoundError as e:
+        raise click.UsageError(str(e))
+    return replace(data, folder=Path(folder).resolve()) if folder else data
+
+
 def dataset_stats(shards: Path, split: str = "train", max_headers: int = 1000) -> dict:
     """Sample count and mean JPEG bytes (from the index files: every sample), mean width/height (JPEG
     headers of the first `max_headers` samples in index order: decode cost scales with pixels)."""

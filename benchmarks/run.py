@@ -65,8 +65,8 @@ from typing import Callable
 import click
 import torch
 
-from imt.benchmarks.common import (BenchData, dataset_stats, environment, prepare_data, stream, summarise, sync,
-                               time_windows)
+from imt.benchmarks.common import (BenchData, bench_data, bench_device, dataset_stats, environment, stream,
+                                   summarise, sync, time_windows)
 from imt.benchmarks.limit import NAME as LIMIT
 from imt.benchmarks.limit import DecodeOnly
 from imt.benchmarks.shards import DEFAULT_SRC
@@ -560,21 +560,9 @@ def main(data_dir, folder, images, count, cache, arch, batch_size, resolution, w
 
     if threads:
         torch.set_num_threads(threads)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.UsageError("--device cuda, but torch sees no CUDA device; use --device cpu")
-    dev = torch.device("cuda:0" if (device == "cuda" or (device == "auto" and torch.cuda.is_available())) else "cpu")
+    dev = bench_device(device)
     defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
-    if data_dir:
-        data = BenchData(Path(data_dir).resolve(), Path(folder).resolve() if folder else None, str(data_dir))
-    else:
-        try:
-            n = count or defaults.count
-            # make_shards' worker processes take ~2 s each to start: not worth it for a tiny set.
-            data = prepare_data(Path(images), n, Path(cache), workers=min(os.cpu_count() or 1, 1 + n // 1000), log=say)
-        except FileNotFoundError as e:
-            raise click.UsageError(str(e))
-        if folder:
-            data = replace(data, folder=Path(folder).resolve())
+    data = bench_data(data_dir, images, count or defaults.count, cache, say, folder)
     try:
         cfg = resolve_settings(dev, defaults, data.shards, arch, batch_size, resolution, workers, prefetch,
                                hw_decoder_load, precision, seed, sets)

@@ -39,7 +39,7 @@ import click
 import torch
 import yaml
 
-from imt.benchmarks.common import BenchData, environment, prepare_data
+from imt.benchmarks.common import BenchData, bench_data, bench_device, environment
 from imt.benchmarks.limit import NAME as LIMIT
 from imt.benchmarks.limit import DecodeOnly
 from imt.benchmarks.run import CPU_DEFAULTS, GPU_DEFAULTS, Bench, Item, Step, ceiling_config, loader_config, \
@@ -359,18 +359,9 @@ def tune(cfg: Config, data: BenchData, device: torch.device, bench: Bench, budge
 def main(recipe, data_dir, images, count, cache, arch, batch_size, resolution, loader, device, budget_s, objective,
          batch_sizes, warmup, batches, threads, sets, out):
     """Diagnose what limits training throughput here, search the loader's settings, write them as a YAML overlay."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.UsageError("--device cuda, but torch sees no CUDA device; use --device cpu")
-    dev = torch.device("cuda:0" if (device == "cuda" or (device == "auto" and torch.cuda.is_available())) else "cpu")
+    dev = bench_device(device)
     defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
-    if data_dir:
-        data = BenchData(Path(data_dir).resolve(), None, str(data_dir))
-    else:
-        try:
-            n = count or defaults.count
-            data = prepare_data(Path(images), n, Path(cache), workers=min(os.cpu_count() or 1, 1 + n // 1000), log=say)
-        except FileNotFoundError as e:
-            raise click.UsageError(str(e))
+    data = bench_data(data_dir, images, count or defaults.count, cache, say)
     overrides = {"data.path": str(data.shards), "data.drop_last": True, "run.device": dev.type}
     if not recipe:
         overrides.update({"model.arch": defaults.arch, "data.batch_size": defaults.batch_size,

@@ -903,13 +903,18 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
     explicit = bool(splits)
     splits = find_splits(src, splits, out)
     layouts = {s: _split_layout(src / s) for s in splits}
-    for s in [s for s in splits if layouts[s] == "empty"]:
-        why = f"{src / s} holds no image files and no class folders"
+
+    def leave_out(s: str, why: str, fix: str) -> None:
+        """A split found by default is left out with a message; one named with --split is an error."""
         if explicit:
-            raise ShardError(f"{why}: put <class>/<image> folders in it, or leave it out of --split")
+            raise ShardError(f"{why}: {fix}")
         click.echo(f"leaving out split {s!r}: {why}", err=True)
         splits.remove(s)
         del layouts[s]
+
+    for s in [s for s in splits if layouts[s] == "empty"]:
+        leave_out(s, f"{src / s} holds no image files and no class folders",
+                  "put <class>/<image> folders in it, or leave it out of --split")
     if not splits:
         raise ShardError(f"{src} holds no images: expected e.g. {src}/train/<class>/*.JPEG")
     flat = [s for s in splits if layouts[s] == "flat"]
@@ -922,12 +927,8 @@ def make_shards(src, out, *, splits=None, shard_bytes: int = 1_000_000_000, shar
     for s in flat:
         if not any(_image_id(p) in flat_labels for p in (src / s).iterdir()):
             # Kaggle's layout has an unlabelled flat test/ beside val/: never shard it as 100,000 skips.
-            why = f"no file in {src / s} is named in {val_labels} (an unlabelled test set?)"
-            if explicit:
-                raise ShardError(f"{why}: leave it out, naming the splits to make with --split")
-            click.echo(f"leaving out split {s!r}: {why}", err=True)
-            splits.remove(s)
-            del layouts[s]
+            leave_out(s, f"no file in {src / s} is named in {val_labels} (an unlabelled test set?)",
+                      "leave it out, naming the splits to make with --split")
     names = {p.name for s in splits if layouts[s] == "class-folders" for p in _class_dirs(src / s)}
     if flat_labels:
         names |= set(flat_labels.values())
