@@ -62,7 +62,7 @@ def test_auto_augment_agrees_between_dali_and_torch(synthetic_shards, policy):
     0.62 / 0.59 against 0.56 without."""
     plain = _stats("torch", synthetic_shards, 3)
     dali, torch_ = (_stats(k, synthetic_shards, 3, auto_augment=policy) for k in ("dali", "torch"))
-    assert plain["grey"] == 0.0
+    assert plain["grey"] < 0.001  # no fill: only the odd natural pixel happens to be that grey (2.5e-6 seen)
     assert dali["grey"] > 0.02 and torch_["grey"] > 0.02  # geometric operations ran, filled with 128
     assert dali["grey"] == pytest.approx(torch_["grey"], rel=0.25)
     for s in (dali, torch_):  # colour operations spread the images' brightness
