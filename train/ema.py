@@ -24,6 +24,13 @@ import torch
 from torch import nn
 
 
+def averaged_weights(state_dict: dict) -> dict:
+    """The model's own state dict from an EMA state dict: ours and AveragedModel's (torch's, and the
+    torchvision references' `model_ema`) put the averaged model under "module." and AveragedModel adds its
+    step counter "n_averaged", which the lerp needs none of."""
+    return {k.removeprefix("module."): v for k, v in state_dict.items() if k != "n_averaged"}
+
+
 class EMA:
     """The averaged copy is `self.module` (evaluate it, broadcast its buffers); update after each step."""
 
@@ -68,6 +75,4 @@ class EMA:
         return {f"module.{k}": v for k, v in self.module.state_dict().items()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # Checkpoints written with AveragedModel carry its step counter; the lerp needs none.
-        weights = {k.removeprefix("module."): v for k, v in state_dict.items() if k != "n_averaged"}
-        self.module.load_state_dict(weights)  # strict: another architecture is refused with the keys named
+        self.module.load_state_dict(averaged_weights(state_dict))  # strict: another architecture is refused with the keys named

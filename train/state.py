@@ -19,6 +19,7 @@ import torch
 
 from imt.pipeline.common import MEAN, STD
 from imt.train.checkpoint import CheckpointError, check_compatible, describe, set_rng_state
+from imt.train.ema import averaged_weights
 
 VERSION = 2
 
@@ -72,7 +73,7 @@ class Checkpoint:
         """(state dict, "EMA" or "raw"): the EMA weights when there are some and `ema` (they are what the run's
         evaluation reported), with AveragedModel's "module." prefix and counter removed."""
         if ema and self.ema:
-            return ({k.removeprefix("module."): v for k, v in self.ema.items() if k != "n_averaged"}, "EMA")
+            return averaged_weights(self.ema), "EMA"
         return dict(self.model), "raw"
 
     def bundle(self) -> dict[str, Any]:

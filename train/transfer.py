@@ -29,6 +29,7 @@ import torchvision
 from torch import nn
 
 from imt.train.checkpoint import CheckpointError, read_tensors, refuse_nonfinite, verify_sidecar
+from imt.train.ema import averaged_weights
 from imt.train.state import Checkpoint
 
 # Prefixes that wrappers add to parameter names: DDP and EMA wrappers ("module.") and torch.compile
@@ -151,7 +152,7 @@ def _foreign(obj, path: Path, ema: bool) -> tuple[dict, dict]:
                 if key and (ema or which == "raw") and _is_state_dict(obj.get(key)):
                     args = obj.get("args")
                     arch = obj.get("arch") or getattr(args, "model", None) or getattr(args, "arch", None)
-                    state = _strip({k: v for k, v in obj[key].items() if k != "n_averaged"})
+                    state = _strip(averaged_weights(obj[key]))
                     return state, {"weights": which, "format": f"{fmt} ({key!r})",
                                    **({"source_arch": arch} if isinstance(arch, str) else {})}
     keys = f" (top-level keys: {', '.join(map(str, list(obj)[:8]))})" if isinstance(obj, dict) else ""
