@@ -102,10 +102,15 @@ def _remake_hint(root: Path) -> str:
 def read_index_count(path: Path) -> int:
     """Sample count from a wds2idx index header (`v1.2 <num_samples>`)."""
     with open(path, "rb") as f:
-        head = f.readline().split()
-    if len(head) != 2 or head[0].decode(errors="replace") != INDEX_VERSION or not head[1].isdigit():
-        raise ManifestError(f"{path}: not a DALI {INDEX_VERSION} index file (header {head!r})")
-    return int(head[1])
+        return _index_count(f.readline().decode(errors="replace"), path)
+
+
+def _index_count(head: str, path: Path) -> int:
+    """The sample count of an index's header line; ManifestError naming the file for anything else."""
+    fields = head.split()
+    if len(fields) != 2 or fields[0] != INDEX_VERSION or not fields[1].isdigit():
+        raise ManifestError(f"{path}: not a DALI {INDEX_VERSION} index file (header {fields!r})")
+    return int(fields[1])
 
 
 Component = tuple[int, int, str]  # (data offset in the tar, size in bytes, member name) of one file of a sample
@@ -144,9 +149,7 @@ def read_index(path: Path) -> Index:
     and line for a bad header, a malformed line or lines with other components than the first."""
     path = Path(path)
     head, _, body = path.read_text(encoding="utf-8", errors="replace").partition("\n")
-    head_f = head.split()
-    if len(head_f) != 2 or head_f[0] != INDEX_VERSION or not head_f[1].isdigit():
-        raise ManifestError(f"{path}: not a DALI {INDEX_VERSION} index file (header {head_f!r})")
+    count = _index_count(head, path)
     tokens = body.split()
     first = body.lstrip().split("\n", 1)[0].split()
     width, exts = len(first), tuple(first[0::4])
@@ -163,7 +166,7 @@ def read_index(path: Path) -> Index:
         raise ManifestError(f"{path}: lines hold different numbers of fields; remake the shards with imt-make-shards")
     c = len(exts)
     if not rows:
-        return Index(path, int(head_f[1]), exts, np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64), [])
+        return Index(path, count, exts, np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64), [])
     try:
         offsets = np.array([tokens[k + 1::width] for k in range(0, width, 4)], dtype=np.int64).T.reshape(-1, c)
         sizes = np.array([tokens[k + 2::width] for k in range(0, width, 4)], dtype=np.int64).T.reshape(-1, c)
@@ -171,7 +174,7 @@ def read_index(path: Path) -> Index:
         raise ManifestError(f"{path}: an offset or size is not a number; remake the shards with imt-make-shards"
                             ) from None
     names = tokens[3::4]
-    return Index(path, int(head_f[1]), exts, offsets, sizes, names)
+    return Index(path, count, exts, offsets, sizes, names)
 
 
 def _check_shard(shard: Shard, root: Path) -> None:
