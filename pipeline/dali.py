@@ -239,7 +239,13 @@ def executor_args(gpu_outputs: bool) -> dict:
 class DaliLoader:
     """The Loader contract over a DALI pipeline (see the module docstring for the semantics)."""
 
-    def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False):
+    def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False, cache=None):
+        if cache is not None:
+            raise ManifestError(
+                f"{cache.url} is larger than data.cache_limit ({cfg.cache_limit} GiB), so its shards are streamed "
+                "window by window, which the DALI loader does not do yet (its readers open every file when the "
+                "pipeline is built): train with --loader torch, or raise data.cache_limit to hold the whole data "
+                "set (0: no limit)")
         self.cfg, self.split_name, self.train, self.keys = cfg, split, train, keys
         self.rank, self.world, self.device = dist.rank, dist.world_size, torch.device(dist.device)
         self.manifest, self.split = load_split(cfg.path, split)

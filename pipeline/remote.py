@@ -1,7 +1,8 @@
 """Shards on object storage or a web server: `--data s3://bucket/shards`, `gs://bucket/shards`,
 `https://host/shards` (any folder made by imt-make-shards or imt-index-shards, uploaded as it is).
 
-    root = stage(cfg)        # a local shard folder in data.cache_dir: what both loaders read
+    root, cache = open_remote(cfg)   # a local shard folder in data.cache_dir: what both loaders read;
+                                     # cache: None if it holds every tar, else the ShardCache to stream through
     for path in ShardCache(url, cache_dir, limit).stream(order): ...   # one shard at a time, prefetched
 
 Transport: fsspec (s3fs for s3://, gcsfs for gs://, aiohttp for http(s)://), so credentials, endpoints
@@ -19,16 +20,21 @@ order, fetching up to `prefetch` ahead within the limit and evicting by `victims
 again in the rest of the order, most recently used first; then the one needed farthest ahead (Belady).
 Under LRU a cache smaller than the data set misses on every shard of every epoch once the order cycles
 (Mosaic Streaming issue #658); most-recently-used-first keeps a fixed part of the data set resident across
-epochs, so each epoch after the first fetches only what does not fit. The loaders draw every epoch's
-samples from all shards at random (a global shuffle), so `stage`, which they use, needs the whole data set
-to fit the limit and says so otherwise; `stream` serves shard-sequential readers.
+epochs, so each epoch after the first fetches only what does not fit.
+
+A data set that fits the limit is staged whole (`stage`) and the loaders shuffle it globally. One that does not
+is streamed (`open_remote` returns the cache): its indexes are staged, each epoch's order becomes windows of
+shards of about half the cache (common.windowed_order), and a `Feeder` thread in the trainer's process keeps
+the tars of the batches ahead in the cache, the next window's while the current one is read.
 """
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -177,8 +183,15 @@ class ShardCache:
             self._recent.remove(name)
         self._recent.append(name)
 
-    def _resident(self) -> dict[str, int]:
-        return {p.name: p.stat().st_size for p in self.dir.glob("*.tar")} if self.dir.is_dir() else {}
+    def _resident(self, ext: str = ".tar") -> dict[str, int]:
+        """Name -> bytes of the cached files ending in `ext` (a file another rank evicts meanwhile is left out)."""
+        out = {}
+        for p in self.dir.glob(f"*{ext}") if self.dir.is_dir() else ():
+            try:
+                out[p.name] = p.stat().st_size
+            except FileNotFoundError:
+                pass
+        return out
 
     # -------------------------------------------------------------------------------- readers
     def stream(self, order: list[str]) -> Iterator[Path]:
@@ -202,33 +215,64 @@ class ShardCache:
                 self._used(name)
                 yield path
 
-    def _make_room(self, need: int, rest: list[str], pending: dict, specs: dict) -> bool:
+    def _make_room(self, need: int, rest: list[str], pending: dict, specs: dict, keep=frozenset()) -> bool:
+        """Evict (by `victims`) until `need` more bytes fit the limit beside the index files, the downloads in
+        flight and the tars in `keep`; False when that is not possible now. A tar pinned by a reader of this node
+        (Feeder) is never evicted."""
         if not self.limit:
             return True
         resident = self._resident()
+        kept = sum(resident.pop(n) for n in list(resident) if n in keep)
+        limit = self.limit - kept - self._index_bytes()
         in_flight = sum(specs[n]["bytes"] or 0 for n, f in pending.items() if not f.done())
-        drop = victims(resident, need + in_flight, self.limit, rest, self._recent)
-        if sum(resident.values()) - sum(resident[n] for n in drop) + in_flight + need > self.limit:
+        drop = victims(resident, need + in_flight, limit, rest, self._recent)
+        if sum(resident.values()) - sum(resident[n] for n in drop) + in_flight + need > limit:
             return False
         for n in drop:
-            (self.dir / n).unlink(missing_ok=True)
+            if not self._evict(n):
+                return False
         return True
 
-    def stage(self) -> Path:
-        """A complete local shard folder for the loaders: every index and tar fetched (in parallel),
-        a manifest naming the local copies; tars of older versions in the cache are removed."""
+    def _index_bytes(self) -> int:
+        return sum(self._resident(".idx").values())
+
+    def _evict(self, name: str) -> bool:
+        """Delete a cached tar unless a reader of this node has pinned it (Feeder: a shared flock on its .pin)."""
+        with open(self.dir / f".{name}.pin", "a") as pin:
+            try:
+                fcntl.flock(pin, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            (self.dir / name).unlink(missing_ok=True)
+        return True
+
+    def fits(self) -> bool:
+        """Every tar and index of the data set fits data.cache_limit (then `stage` copies it whole)."""
+        return not self.limit or sum(s["bytes"] or 0 for s in self.shards().values()) <= self.limit
+
+    def window_bytes(self) -> int:
+        """The bytes of tars per window of common.windowed_order: half of what the limit leaves beside the
+        index files, so the next window is fetched while this one is read."""
+        idx = sum(s["bytes"] or 0 for n, s in self.shards().items() if n.endswith(".idx"))
+        return max(1, (self.limit - idx) // 2)
+
+    def stage(self, tars: bool = True) -> Path:
+        """A local shard folder for the loaders: every index and (`tars`) every tar fetched (in parallel),
+        a manifest naming the local copies; tars of older versions in the cache are removed. Without `tars`
+        the tars are fetched as they are read (Feeder), for a data set larger than the limit."""
         m, specs = self.manifest(), self.shards()
-        total = sum(s["bytes"] or 0 for s in specs.values())
-        if self.limit and total > self.limit:
+        if tars and not self.fits():
+            total = sum(s["bytes"] or 0 for s in specs.values())
             raise ManifestError(f"{self.url} holds {total / 2**30:.1f} GiB of shards but data.cache_limit is "
-                                f"{self.limit / 2**30:.1f} GiB: both loaders shuffle every epoch across all shards, "
-                                "so the cache must hold the whole data set. Raise data.cache_limit (or 0 for no "
-                                "limit), or point data.cache_dir at a larger disk")
+                                f"{self.limit / 2**30:.1f} GiB: stage() copies the whole data set. Stream it "
+                                "instead (pipeline.remote.open_remote), or raise data.cache_limit")
         self.dir.mkdir(parents=True, exist_ok=True)
         for old in self.dir.glob("*.tar"):
             if old.name not in specs:
                 old.unlink()
                 old.with_name(f"{old.name[:-4]}.idx").unlink(missing_ok=True)
+        if not tars:
+            specs = {n: spec for n, spec in specs.items() if n.endswith(".idx")}
         missing = [n for n, spec in specs.items()
                    if not ((self.dir / n).is_file() and spec["bytes"] in (None, (self.dir / n).stat().st_size))]
         from tqdm import tqdm
@@ -250,8 +294,123 @@ class ShardCache:
         return self.dir
 
 
-def stage(cfg) -> str:
-    """`cfg.path` when local; for a URL, the local copy made by ShardCache.stage (cfg: DataConfig)."""
+class Feeder:
+    """Keeps the tars a reader's batches need in the cache ahead of it: a thread of the trainer's process (one
+    per loader iteration), so DataLoader workers only ever open local, verified files.
+
+    `needs[k]`: the local tar names batch k of this iteration reads. `ready(k)` is called once batches [0, k)
+    have every tar in the cache (`ready(-1)`: failed, the exception is in `error`); the reader sets `consumed`
+    to the number of batches it has received. Tars of batches [consumed, scheduled] are kept (never evicted)
+    and pinned (a shared flock on `.<name>.pin`, so other ranks of this node sharing the cache do not evict
+    them either); fetching runs ahead until the limit leaves no room, evicting by `victims` (first tars not
+    needed again this epoch, most recently used first; then the one needed farthest ahead). `check(name)` runs
+    once per tar that arrives (the loader's proof that index and tar agree)."""
+
+    def __init__(self, cache: ShardCache, needs: list[list[str]], ready, check=None):
+        self.cache, self.needs, self._ready, self._check = cache, needs, ready, check or (lambda name: None)
+        self.consumed = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._pins: dict[str, object] = {}
+        when: dict[str, list[int]] = {}
+        for k, names in enumerate(needs):
+            for n in names:
+                when.setdefault(n, []).append(k)
+        self._when = when
+        self._thread = threading.Thread(target=self._run, name="imt-shard-feeder", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._pin(set())
+
+    def _run(self) -> None:
+        try:
+            self._feed()
+        except BaseException as e:  # noqa: BLE001 - handed to the reader, which raises it
+            self.error = e
+            self._ready(-1)
+
+    def _next_use(self, name: str, now: int) -> int | None:
+        import bisect
+
+        ks = self._when.get(name, [])
+        i = bisect.bisect_left(ks, now)
+        return ks[i] if i < len(ks) else None
+
+    def _pin(self, names: set) -> None:
+        for n in [n for n in self._pins if n not in names]:
+            self._pins.pop(n).close()  # closing the file releases its flock
+        for n in names - self._pins.keys():
+            f = open(self.cache.dir / f".{n}.pin", "a")
+            fcntl.flock(f, fcntl.LOCK_SH)
+            self._pins[n] = f
+
+    def _feed(self) -> None:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        cache, needs = self.cache, self.needs
+        specs = cache.shards()
+        cache.dir.mkdir(parents=True, exist_ok=True)
+        ready = scheduled = 0  # batches [0, ready) are in the cache; [0, scheduled) are fetched or on their way
+        pending: dict = {}
+        with ThreadPoolExecutor(cache.workers) as pool:
+            while ready < len(needs) and not self._stop.is_set():
+                progressed = False
+                while scheduled < len(needs) and len(pending) < cache.workers:
+                    now = min(self.consumed, ready)
+                    keep = {n for names in needs[now:scheduled + 1] for n in names}
+                    self._pin(keep)  # before looking: a tar seen here stays until this reader moves on
+                    new = [n for n in needs[scheduled] if n not in pending and not (cache.dir / n).is_file()]
+                    resident = sorted((n for n in cache._resident() if self._next_use(n, now) is not None),
+                                      key=lambda n: self._next_use(n, now))
+                    room = True
+                    for n in new:
+                        room = cache._make_room(specs[n]["bytes"] or 0, [n] + resident, pending, specs,
+                                                keep=keep | set(pending))
+                        if not room:
+                            break
+                        pending[n] = pool.submit(cache.fetch, n)
+                    if not room:
+                        if not pending and ready == scheduled == self.consumed:
+                            self._too_big(needs[scheduled], specs)
+                        break  # no room yet: retried once the reader has moved on
+                    scheduled += 1
+                    progressed = True
+                for n in [n for n, f in pending.items() if f.done()]:
+                    pending.pop(n).result()  # raises what the fetch raised (after its retries)
+                    self._check(n)
+                while ready < scheduled and not any(n in pending for n in needs[ready]):
+                    ready += 1
+                    self._ready(ready)
+                    progressed = True
+                if not progressed:
+                    if pending:
+                        wait(list(pending.values()), timeout=0.05, return_when=FIRST_COMPLETED)
+                    else:
+                        time.sleep(0.005)  # waiting for the reader to free room
+
+    def _too_big(self, names: list[str], specs: dict) -> None:
+        need = sum(specs[n]["bytes"] or 0 for n in names) + self.cache._index_bytes()
+        if need > self.cache.limit:
+            raise ManifestError(f"one batch reads {len(names)} shards ({need / 2**30:.2f} GiB with the index files), "
+                                f"more than data.cache_limit ({self.cache.limit / 2**30:.2f} GiB): raise it, or "
+                                "make smaller shards (imt-make-shards --shard-bytes)")
+
+
+def open_remote(cfg) -> tuple[str, ShardCache | None]:
+    """(local shard folder, None) for a local `cfg.path` or a remote data set that fits data.cache_limit (staged
+    whole); (folder of its manifest and indexes, the cache to stream its tars through) for a larger one. One
+    cache per data set in a process, so its training and validation loaders share what it has seen."""
     if not is_remote(cfg.path):
-        return cfg.path
-    return str(ShardCache(cfg.path, cfg.cache_dir, cfg.cache_limit, workers=max(1, min(8, cfg.workers))).stage())
+        return cfg.path, None
+    cache = _cache(cfg.path, cfg.cache_dir, cfg.cache_limit, max(1, min(8, cfg.workers)))
+    if cache.fits():
+        return str(cache.stage()), None
+    return str(cache.stage(tars=False)), cache
+
+
+@functools.lru_cache(maxsize=None)
+def _cache(url: str, cache_dir: str, limit_gib: float, workers: int) -> ShardCache:
+    return ShardCache(url, cache_dir, limit_gib, workers=workers)

@@ -113,7 +113,7 @@ def test_http_shards_are_cached_verified_and_retried(http_shards, tmp_path, monk
     again = ShardCache(url, tmp_path / "cache")
     again.stage()
     assert again.fetches == 0  # cached: nothing fetched twice
-    with pytest.raises(ManifestError, match="cache must hold the whole data set"):
+    with pytest.raises(ManifestError, match="stage.. copies the whole data set"):
         ShardCache(url, tmp_path / "small", limit_gib=1e-6).stage()
 
 

@@ -1,0 +1,164 @@
+"""A data set on a web server ~3x larger than data.cache_limit, trained through the cache (pipeline/remote.py's
+Feeder, common.windowed_order): every sample once per epoch, the cache folder within its limit throughout, the
+second epoch fetching less than everything, resume mid-epoch exact, DALI refused with what to do."""
+from __future__ import annotations
+
+import collections
+import http.server
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from imt.pipeline import remote
+from imt.pipeline.common import rank_batches, windowed_order
+from imt.pipeline.config import DataConfig
+from imt.pipeline.manifest import ManifestError
+from imt.train.dist import DistInfo
+from tests.pipeline.test_remote import _FlakyHandler
+
+pytest.importorskip("fsspec")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("seed", [None, 5])
+def test_windowed_order_reads_windows_in_turn_on_every_rank(world, seed):
+    counts, sizes = [10, 7, 12, 5, 9, 11, 8], [100, 70, 120, 50, 90, 110, 80]
+    order, windows = windowed_order(counts, sizes, 200, world, seed)
+    assert sorted(order) == list(range(sum(counts)))
+    assert sorted(s for w in windows for s in w) == list(range(len(counts)))
+    assert all(sum(sizes[s] for s in w) <= 200 for w in windows)
+    if seed is None and world == 1:
+        assert order == list(range(sum(counts)))  # validation: the stored order
+    first = [0] + [sum(counts[:s + 1]) for s in range(len(counts))]
+    window_of = {i: k for k, w in enumerate(windows) for s in w for i in range(first[s], first[s + 1])}
+    per_rank = [[window_of[i] for b in rank_batches(order, world, r, 4, False) for i in b] for r in range(world)]
+    for seq in per_rank:
+        assert seq == sorted(seq)  # each rank reads window after window
+    for pos in range(min(map(len, per_rank))):  # and all ranks the same window at the same time
+        assert max(seq[pos] for seq in per_rank) - min(seq[pos] for seq in per_rank) <= 1
+    again, _ = windowed_order(counts, sizes, 200, world, seed)
+    assert again == order
+
+
+@pytest.fixture(scope="module")
+def many_shards(synthetic_root, tmp_path_factory) -> Path:
+    """The synthetic set cut into 12 train and 4 val shards of 8 samples."""
+    from imt.tools.make_shards import make_shards
+
+    out = tmp_path_factory.mktemp("served") / "shards"
+    make_shards(synthetic_root, out, shard_samples=8, workers=1, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture()
+def served(many_shards, monkeypatch):
+    pytest.importorskip("aiohttp")
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+    _FlakyHandler.dropped, _FlakyHandler.requests = set(), []  # each tar's first GET is cut off mid-transfer
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             partial(_FlakyHandler, directory=str(many_shards.parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{many_shards.name}"
+    server.shutdown()
+    server.server_close()
+
+
+def _limit_gib(url: str, tmp_path: Path) -> float:
+    """A third of the data set's tars and indexes (in GiB)."""
+    specs = remote.ShardCache(url, tmp_path / "probe").shards()
+    return sum(s["bytes"] for s in specs.values()) / 3 / 2**30
+
+
+def _cache_bytes(folder: Path) -> int:
+    """What the cache folder holds: tars, indexes and downloads under way."""
+    total = 0
+    for p in folder.iterdir():
+        if p.suffix in (".tar", ".idx") or ".part" in p.name:
+            try:
+                total += p.stat().st_size
+            except FileNotFoundError:  # evicted, or renamed into place, meanwhile
+                pass
+    return total
+
+
+def _loader(url, tmp_path, workers, split="train", **kw):
+    from imt.pipeline.torch_baseline import ShardLoader
+
+    cfg = DataConfig(path=url, loader="torch", batch_size=7, resolution=32, val_resolution=32, workers=workers,
+                     dtype="float32", seed=3, cache_dir=str(tmp_path / "cache"), cache_limit=_limit_gib(url, tmp_path),
+                     **kw)
+    path, cache = remote.open_remote(cfg)
+    assert cache is not None, "the data set fits the limit: nothing is streamed"
+    cfg = DataConfig(**{**cfg.__dict__, "path": path})
+    return ShardLoader(cfg, split, DistInfo(), train=split == "train", keys=True, cache=cache), cache
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # 2: ~26 s on 2 loaded cores
+def test_a_data_set_three_times_the_cache_trains_two_epochs(served, tmp_path, workers):
+    remote._cache.cache_clear()
+    loader, cache = _loader(served, tmp_path, workers)
+    tars = [n for n in cache.shards() if n.endswith(".tar") and "-train-" in n]
+    fetched, biggest = [], 0
+    for epoch in range(2):
+        before = cache.fetches
+        loader.set_epoch(epoch)
+        keys = []
+        for batch in loader:
+            keys += batch[2]
+            biggest = max(biggest, _cache_bytes(cache.dir))
+        assert len(keys) == 96 and len(set(keys)) == 96  # every sample once
+        fetched.append(cache.fetches - before)
+    assert 0 < biggest <= cache.limit
+    assert fetched[0] == len(tars)  # each train tar once: a window's tars are read together
+    assert fetched[1] < len(tars), fetched  # part of the data stayed in the cache
+    tar_requests = [r for r in _FlakyHandler.requests if r.endswith(".tar")]
+    assert len(tar_requests) == sum(fetched) + len(_FlakyHandler.dropped)  # each cut transfer retried once
+    assert not list(cache.dir.glob(".*.part*"))
+    val, _ = _loader(served, tmp_path, workers, split="val")
+    assert sorted(k for b in val for k in b[2]) == [f"val_{i:08d}" for i in range(32)]
+
+
+def test_resume_mid_epoch_of_a_streamed_data_set_is_exact(served, tmp_path):
+    remote._cache.cache_clear()
+    whole, _ = _loader(served, tmp_path, 1)
+    whole.set_epoch(1)
+    expected = [k for b in whole for k in b[2]]
+    first, _ = _loader(served, tmp_path, 1)
+    first.set_epoch(1)
+    it = iter(first)
+    head = [k for _, b in zip(range(5), it) for k in b[2]]
+    del it
+    state = first.state_dict()
+    remote._cache.cache_clear()
+    second, _ = _loader(served, tmp_path, 1)
+    assert "continues at batch 6" in second.load_state_dict(state)
+    second.set_epoch(1)
+    assert head + [k for b in second for k in b[2]] == expected
+
+
+def test_dali_refuses_a_streamed_data_set_with_what_to_do(served, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from imt.pipeline import build_loader
+
+    remote._cache.cache_clear()
+    cfg = DataConfig(path=served, loader="dali", batch_size=7, resolution=32, dali_device="cpu",
+                     cache_dir=str(tmp_path / "cache"), cache_limit=_limit_gib(served, tmp_path))
+    with pytest.raises(ManifestError, match="--loader torch, or raise data.cache_limit"):
+        build_loader(cfg, "train", DistInfo(), train=True)
+
+
+def test_a_shard_that_cannot_be_fetched_stops_the_epoch_with_the_reason(served, many_shards, tmp_path):
+    remote._cache.cache_clear()
+    loader, cache = _loader(served, tmp_path, 1)
+    gone = many_shards / "train-000005.tar"
+    hidden = gone.with_name("hidden.tar")
+    gone.rename(hidden)
+    try:
+        with pytest.raises(FileNotFoundError):
+            for _ in loader:
+                pass
+    finally:
+        hidden.rename(gone)
+    assert collections.Counter(p.suffix for p in cache.dir.glob("*-train-*"))[".tar"] <= 12
