@@ -399,6 +399,41 @@ class Feeder:
                                 "make smaller shards (imt-make-shards --shard-bytes)")
 
 
+class Stream:
+    """One split of a data set larger than the cache, as both loaders read it: the windows its epochs are cut
+    into (`windows`: the arguments of common.windowed_order before `world` and `seed`) and a Feeder per
+    iteration, which checks each tar as it arrives (common.check_shard_pair: the index describes the tar)."""
+
+    def __init__(self, cache: ShardCache, split, manifest):
+        import numpy as np
+
+        self.cache, self.split, self.manifest = cache, split, manifest
+        self.names = [Path(s.tar).name for s in split.shards]
+        sizes = [cache.shards()[n]["bytes"] or 0 for n in self.names]
+        counts = [s.num_samples for s in split.shards]
+        self.windows = (counts, sizes, cache.window_bytes())
+        self._ends = np.cumsum(counts)  # sample i lies in shard searchsorted(ends, i, "right")
+        self._checked: set[str] = set()
+
+    def shard_of(self, samples) -> list[int]:
+        import numpy as np
+
+        return np.searchsorted(self._ends, np.asarray(samples, dtype=np.int64), side="right").tolist()
+
+    def feeder(self, plan: list[list[int]], ready) -> Feeder:
+        """A started Feeder for the batches `plan` (sample indices) of one iteration."""
+        needs = [sorted({self.names[s] for s in self.shard_of(batch)}) for batch in plan]
+        return Feeder(self.cache, needs, ready, check=self._check)
+
+    def _check(self, name: str) -> None:
+        if name not in self._checked:  # once per tar and process
+            from .common import check_shard_pair
+
+            shard = self.split.shards[self.names.index(name)]
+            check_shard_pair(shard, self.split.name, self.manifest.root, self.manifest.label_ext)
+            self._checked.add(name)
+
+
 def open_remote(cfg) -> tuple[str, ShardCache | None]:
     """(local shard folder, None) for a local `cfg.path` or a remote data set that fits data.cache_limit (staged
     whole); (folder of its manifest and indexes, the cache to stream its tars through) for a larger one. One

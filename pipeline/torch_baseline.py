@@ -24,7 +24,10 @@ Augmentations are seeded per (seed, epoch, rank, batch), so the output does not 
 number of workers. Resume (`state_dict` / `load_state_dict`): the plan is a function of (seed, epoch),
 so a resumed epoch starts at its next batch by index, reading none of the skipped ones; after a change
 of ranks or batch size, common.epoch_plan splits the samples no rank had reached among the new ranks.
-Epoch, resolution and the resume point live in shared memory, so `set_epoch`, `set_resolution` and
+Shards on object storage larger than data.cache_limit: the order is common.windowed_order's, and a
+remote.Feeder thread in the trainer's process fetches the tars of the batches ahead; a worker waits until its
+batch's tars are in the cache (`ready`) and closes them after the batch (an evicted tar held open would keep
+its disk space). Epoch, resolution and the resume point live in shared memory, so `set_epoch`, `set_resolution` and
 `load_state_dict` reach persistent workers without restarting them.
 """
 from __future__ import annotations
@@ -40,7 +43,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
 from .augment import torch_transforms
-from .common import (Position, check_shard_pair, epoch_plan, label_outside, load_split, normalise, num_batches,
+from .common import (Position, epoch_plan, label_outside, load_split, normalise, num_batches,
                      read_label, torch_dtype, windowed_order)
 from .config import DataConfig
 from .manifest import MANIFEST_NAME, ManifestError, read_index
@@ -333,7 +336,7 @@ class _TorchLoader:
     def __init__(self, source, classes, cfg: DataConfig, dist, *, train: bool, keys: bool = False,
                  feed=None):
         self.cfg, self.train = cfg, train
-        self.feed = feed  # streamed data: a function (batches of this iteration) -> a started remote.Feeder
+        self.feed = feed  # streamed data: a remote.Stream (windows, and a Feeder per iteration)
         self.device, self.dtype = torch.device(dist.device), torch_dtype(cfg.dtype)
         self.classes = tuple(classes)
         n, w, b = len(source), dist.world_size, cfg.batch_size
@@ -401,8 +404,8 @@ class _TorchLoader:
         if self.feed is not None:  # fetches the tars of the batches ahead (pipeline/remote.py)
             self.dataset.gen.value += 1
             self.dataset.ready.value = 0
-            feeder = self.feed(self.dataset.plan(self.pos.epoch, segments)[start:],
-                               lambda k: setattr(self.dataset.ready, "value", k))
+            feeder = self.feed.feeder(self.dataset.plan(self.pos.epoch, segments)[start:],
+                                      lambda k: setattr(self.dataset.ready, "value", k))
         try:
             for batch in self.loader:
                 images, labels = batch[0], batch[1]
@@ -429,34 +432,11 @@ class ShardLoader(_TorchLoader):
     def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False, cache=None):
         manifest, sp = load_split(cfg.path, split, tars=cache is None)
         source = ShardSource(sp, manifest.num_classes, manifest.label_ext)
-        feed = None if cache is None else _Feed(cache, source, sp, manifest)
+        feed = None
+        if cache is not None:
+            from .remote import Stream
+            feed = Stream(cache, sp, manifest)
         super().__init__(source, manifest.classes, cfg, dist, train=train, keys=keys, feed=feed)
-
-
-class _Feed:
-    """A data set larger than data.cache_limit, streamed through `cache` (a remote.ShardCache): the windows
-    its epochs are cut into, and the Feeder that fetches each iteration's tars ahead of the workers."""
-
-    def __init__(self, cache, source: ShardSource, split, manifest):
-        self.cache, self.source, self.split, self.manifest = cache, source, split, manifest
-        self.names = [Path(t).name for t in source.tars]
-        sizes = [cache.shards()[n]["bytes"] or 0 for n in self.names]
-        self.windows = ([s.num_samples for s in split.shards], sizes, cache.window_bytes())
-        self._checked: set[str] = set()
-
-    def __call__(self, plan: list[list[int]], ready):
-        from .remote import Feeder
-
-        entries, names = self.source.entries, self.names
-        needs = [sorted({names[entries[i][0]] for i in batch}) for batch in plan]
-        return Feeder(self.cache, needs, ready, check=self._check)
-
-    def _check(self, name: str) -> None:
-        """The tar just arrived: prove its index describes it (common.check_shard_pair), once per process."""
-        if name not in self._checked:
-            shard = self.split.shards[self.names.index(name)]
-            check_shard_pair(shard, self.split.name, self.manifest.root, self.manifest.label_ext)
-            self._checked.add(name)
 
 
 class FolderLoader(_TorchLoader):

@@ -1,6 +1,6 @@
 """A data set on a web server ~3x larger than data.cache_limit, trained through the cache (pipeline/remote.py's
 Feeder, common.windowed_order): every sample once per epoch, the cache folder within its limit throughout, the
-second epoch fetching less than everything, resume mid-epoch exact, DALI refused with what to do."""
+second epoch fetching less than everything, resume mid-epoch exact; with the torch and the DALI loader."""
 from __future__ import annotations
 
 import collections
@@ -10,11 +10,11 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 
 from imt.pipeline import remote
 from imt.pipeline.common import rank_batches, windowed_order
 from imt.pipeline.config import DataConfig
-from imt.pipeline.manifest import ManifestError
 from imt.train.dist import DistInfo
 from tests.pipeline.test_remote import _FlakyHandler
 
@@ -83,22 +83,30 @@ def _cache_bytes(folder: Path) -> int:
     return total
 
 
-def _loader(url, tmp_path, workers, split="train", **kw):
-    from imt.pipeline.torch_baseline import ShardLoader
-
-    cfg = DataConfig(path=url, loader="torch", batch_size=7, resolution=32, val_resolution=32, workers=workers,
-                     dtype="float32", seed=3, cache_dir=str(tmp_path / "cache"), cache_limit=_limit_gib(url, tmp_path),
-                     **kw)
+def _loader(url, tmp_path, kind, workers=1, split="train"):
+    cfg = DataConfig(path=url, loader=kind, batch_size=7, resolution=32, val_resolution=32, workers=workers,
+                     dtype="float32", dali_device="cpu", shuffle_buffer=16, seed=3,
+                     cache_dir=str(tmp_path / "cache"), cache_limit=_limit_gib(url, tmp_path))
     path, cache = remote.open_remote(cfg)
     assert cache is not None, "the data set fits the limit: nothing is streamed"
     cfg = DataConfig(**{**cfg.__dict__, "path": path})
-    return ShardLoader(cfg, split, DistInfo(), train=split == "train", keys=True, cache=cache), cache
+    if kind == "dali":
+        from imt.pipeline.dali import DaliLoader as cls
+    else:
+        from imt.pipeline.torch_baseline import ShardLoader as cls
+    return cls(cfg, split, DistInfo(), train=split == "train", keys=True, cache=cache), cache
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # 2: ~26 s on 2 loaded cores
-def test_a_data_set_three_times_the_cache_trains_two_epochs(served, tmp_path, workers):
+KINDS = [pytest.param(("torch", 0), id="torch-0"),
+         pytest.param(("torch", 2), id="torch-2", marks=pytest.mark.slow),  # ~26 s on 2 loaded cores
+         pytest.param(("dali", 1), id="dali", marks=pytest.mark.skipif(
+             __import__("importlib").util.find_spec("nvidia.dali") is None, reason="nvidia-dali not installed"))]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_data_set_three_times_the_cache_trains_two_epochs(served, tmp_path, kind):
     remote._cache.cache_clear()
-    loader, cache = _loader(served, tmp_path, workers)
+    loader, cache = _loader(served, tmp_path, *kind)
     tars = [n for n in cache.shards() if n.endswith(".tar") and "-train-" in n]
     fetched, biggest = [], 0
     for epoch in range(2):
@@ -116,42 +124,39 @@ def test_a_data_set_three_times_the_cache_trains_two_epochs(served, tmp_path, wo
     tar_requests = [r for r in _FlakyHandler.requests if r.endswith(".tar")]
     assert len(tar_requests) == sum(fetched) + len(_FlakyHandler.dropped)  # each cut transfer retried once
     assert not list(cache.dir.glob(".*.part*"))
-    val, _ = _loader(served, tmp_path, workers, split="val")
+    val, _ = _loader(served, tmp_path, *kind, split="val")
     assert sorted(k for b in val for k in b[2]) == [f"val_{i:08d}" for i in range(32)]
 
 
-def test_resume_mid_epoch_of_a_streamed_data_set_is_exact(served, tmp_path):
+@pytest.mark.parametrize("kind", [pytest.param(("torch", 1), id="torch-1")] + KINDS[2:])
+def test_resume_mid_epoch_of_a_streamed_data_set_is_exact(served, tmp_path, kind):
+    """Stopped after 4 batches of epoch 2 (inside its second window: DALI's group of batches 3-4 is rebuilt and
+    its first batch dropped), a new loader given the state yields exactly the uninterrupted run's keys and
+    labels, and pixels (both loaders are deterministic on the CPU)."""
     remote._cache.cache_clear()
-    whole, _ = _loader(served, tmp_path, 1)
+    whole, _ = _loader(served, tmp_path, *kind)
     whole.set_epoch(1)
-    expected = [k for b in whole for k in b[2]]
-    first, _ = _loader(served, tmp_path, 1)
+    expected = [(b[2], b[1], b[0]) for b in whole]
+    first, _ = _loader(served, tmp_path, *kind)
     first.set_epoch(1)
     it = iter(first)
-    head = [k for _, b in zip(range(5), it) for k in b[2]]
+    head = [(b[2], b[1], b[0]) for _, b in zip(range(4), it)]
     del it
     state = first.state_dict()
     remote._cache.cache_clear()
-    second, _ = _loader(served, tmp_path, 1)
-    assert "continues at batch 6" in second.load_state_dict(state)
+    second, _ = _loader(served, tmp_path, *kind)
+    assert "continues at batch 5" in second.load_state_dict(state)
     second.set_epoch(1)
-    assert head + [k for b in second for k in b[2]] == expected
-
-
-def test_dali_refuses_a_streamed_data_set_with_what_to_do(served, tmp_path):
-    pytest.importorskip("nvidia.dali")
-    from imt.pipeline import build_loader
-
-    remote._cache.cache_clear()
-    cfg = DataConfig(path=served, loader="dali", batch_size=7, resolution=32, dali_device="cpu",
-                     cache_dir=str(tmp_path / "cache"), cache_limit=_limit_gib(served, tmp_path))
-    with pytest.raises(ManifestError, match="--loader torch, or raise data.cache_limit"):
-        build_loader(cfg, "train", DistInfo(), train=True)
+    assert second.position() == (4, len(second) - 4)
+    got = head + [(b[2], b[1], b[0]) for b in second]
+    assert [k for b in got for k in b[0]] == [k for b in expected for k in b[0]]
+    for (_, labels, images), (_, labels2, images2) in zip(got, expected):
+        assert torch.equal(labels, labels2) and torch.equal(images, images2)
 
 
 def test_a_shard_that_cannot_be_fetched_stops_the_epoch_with_the_reason(served, many_shards, tmp_path):
     remote._cache.cache_clear()
-    loader, cache = _loader(served, tmp_path, 1)
+    loader, cache = _loader(served, tmp_path, "torch", 1)
     gone = many_shards / "train-000005.tar"
     hidden = gone.with_name("hidden.tar")
     gone.rename(hidden)
