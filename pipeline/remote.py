@@ -215,23 +215,57 @@ class ShardCache:
                 self._used(name)
                 yield path
 
-    def _make_room(self, need: int, rest: list[str], pending: dict, specs: dict, keep=frozenset()) -> bool:
+    def _make_room(self, need: int, rest: list[str], pending: dict, specs: dict, keep=frozenset(),
+                   reserve: str | None = None) -> bool:
         """Evict (by `victims`) until `need` more bytes fit the limit beside the index files, the downloads in
-        flight and the tars in `keep`; False when that is not possible now. A tar pinned by a reader of this node
-        (Feeder) is never evicted."""
+        flight (this object's `pending`, and every reservation in the folder) and the tars in `keep`; False when
+        that is not possible now. A tar pinned by a reader of this node (Feeder) is never evicted. `reserve`: the
+        tar the room is for, marked as on its way (`_want`) before the folder's lock is released, so ranks of
+        this node sharing the cache decide one at a time and never both spend the same free bytes."""
         if not self.limit:
             return True
-        resident = self._resident()
-        kept = sum(resident.pop(n) for n in list(resident) if n in keep)
-        limit = self.limit - kept - self._index_bytes()
-        in_flight = sum(specs[n]["bytes"] or 0 for n, f in pending.items() if not f.done())
-        drop = victims(resident, need + in_flight, limit, rest, self._recent)
-        if sum(resident.values()) - sum(resident[n] for n in drop) + in_flight + need > limit:
-            return False
-        for n in drop:
-            if not self._evict(n):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".room.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            resident = self._resident()
+            coming = self._wanted() | {n for n, f in pending.items() if not f.done()}
+            if reserve in coming:  # another rank is fetching it: no new bytes
+                need = 0
+            in_flight = sum(specs[n]["bytes"] or 0 for n in coming - resident.keys() - {reserve})
+            kept = sum(resident.pop(n) for n in list(resident) if n in keep)
+            limit = self.limit - kept - self._index_bytes()
+            drop = victims(resident, need + in_flight, limit, rest, self._recent)
+            if sum(resident.values()) - sum(resident[n] for n in drop) + in_flight + need > limit:
                 return False
-        return True
+            for n in drop:
+                if not self._evict(n):
+                    return False
+            if reserve is not None:
+                self._want(reserve).touch()
+            return True
+
+    def _want(self, name: str) -> Path:
+        """The mark of a download this object has room for (removed by `_unwant` when it ends)."""
+        return self.dir / f".{name}.want{os.getpid()}-{id(self):x}"
+
+    def _unwant(self, name: str) -> None:
+        self._want(name).unlink(missing_ok=True)
+
+    def _wanted(self) -> set[str]:
+        """Tars some process of this node has made room for and is fetching. A mark left by a process that
+        died is removed."""
+        out = set()
+        for p in self.dir.glob(".*.want*"):
+            name, _, owner = p.name[1:].rpartition(".want")
+            try:
+                os.kill(int(owner.split("-")[0]), 0)
+            except ProcessLookupError:
+                p.unlink(missing_ok=True)
+                continue
+            except (ValueError, PermissionError):
+                pass
+            out.add(name)
+        return out
 
     def _index_bytes(self) -> int:
         return sum(self._resident(".idx").values())
@@ -348,48 +382,56 @@ class Feeder:
             self._pins[n] = f
 
     def _feed(self) -> None:
+        self.cache.dir.mkdir(parents=True, exist_ok=True)
+        pending: dict = {}  # tar -> its download (a future of cache.fetch)
+        pool = ThreadPoolExecutor(self.cache.workers)
+        try:
+            self._loop(pool, pending, self.cache.shards())
+        finally:
+            pool.shutdown(wait=True)  # downloads under way end (each leaves a whole tar or nothing)
+            for n in pending:
+                self.cache._unwant(n)
+
+    def _loop(self, pool, pending: dict, specs: dict) -> None:
         from concurrent.futures import FIRST_COMPLETED, wait
 
         cache, needs = self.cache, self.needs
-        specs = cache.shards()
-        cache.dir.mkdir(parents=True, exist_ok=True)
         ready = scheduled = 0  # batches [0, ready) are in the cache; [0, scheduled) are fetched or on their way
-        pending: dict = {}
-        with ThreadPoolExecutor(cache.workers) as pool:
-            while ready < len(needs) and not self._stop.is_set():
-                progressed = False
-                while scheduled < len(needs) and len(pending) < cache.workers:
-                    now = min(self.consumed, ready)
-                    keep = {n for names in needs[now:scheduled + 1] for n in names}
-                    self._pin(keep)  # before looking: a tar seen here stays until this reader moves on
-                    new = [n for n in needs[scheduled] if n not in pending and not (cache.dir / n).is_file()]
-                    resident = sorted((n for n in cache._resident() if self._next_use(n, now) is not None),
-                                      key=lambda n: self._next_use(n, now))
-                    room = True
-                    for n in new:
-                        room = cache._make_room(specs[n]["bytes"] or 0, [n] + resident, pending, specs,
-                                                keep=keep | set(pending))
-                        if not room:
-                            break
-                        pending[n] = pool.submit(cache.fetch, n)
+        while ready < len(needs) and not self._stop.is_set():
+            progressed = False
+            while scheduled < len(needs) and len(pending) < cache.workers:
+                now = min(self.consumed, ready)
+                keep = {n for names in needs[now:scheduled + 1] for n in names}
+                self._pin(keep)  # before looking: a tar seen here stays until this reader moves on
+                new = [n for n in needs[scheduled] if n not in pending and not (cache.dir / n).is_file()]
+                resident = sorted((n for n in cache._resident() if self._next_use(n, now) is not None),
+                                  key=lambda n: self._next_use(n, now))
+                room = True
+                for n in new:
+                    room = cache._make_room(specs[n]["bytes"] or 0, [n] + resident, pending, specs,
+                                            keep=keep | set(pending), reserve=n)
                     if not room:
-                        if not pending and ready == scheduled == self.consumed:
-                            self._too_big(needs[scheduled], specs)
-                        break  # no room yet: retried once the reader has moved on
-                    scheduled += 1
-                    progressed = True
-                for n in [n for n, f in pending.items() if f.done()]:
-                    pending.pop(n).result()  # raises what the fetch raised (after its retries)
-                    self._check(n)
-                while ready < scheduled and not any(n in pending for n in needs[ready]):
-                    ready += 1
-                    self._ready(ready)
-                    progressed = True
-                if not progressed:
-                    if pending:
-                        wait(list(pending.values()), timeout=0.05, return_when=FIRST_COMPLETED)
-                    else:
-                        time.sleep(0.005)  # waiting for the reader to free room
+                        break
+                    pending[n] = pool.submit(cache.fetch, n)
+                if not room:
+                    if not pending and ready == scheduled == self.consumed:
+                        self._too_big(needs[scheduled], specs)
+                    break  # no room yet: retried once the reader has moved on
+                scheduled += 1
+                progressed = True
+            for n in [n for n, f in pending.items() if f.done()]:
+                cache._unwant(n)
+                pending.pop(n).result()  # raises what the fetch raised (after its retries)
+                self._check(n)
+            while ready < scheduled and not any(n in pending for n in needs[ready]):
+                ready += 1
+                self._ready(ready)
+                progressed = True
+            if not progressed:
+                if pending:
+                    wait(list(pending.values()), timeout=0.05, return_when=FIRST_COMPLETED)
+                else:
+                    time.sleep(0.005)  # waiting for the reader (or another rank) to free room
 
     def _too_big(self, names: list[str], specs: dict) -> None:
         need = sum(specs[n]["bytes"] or 0 for n in names) + self.cache._index_bytes()

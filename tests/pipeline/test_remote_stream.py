@@ -167,3 +167,63 @@ def test_a_shard_that_cannot_be_fetched_stops_the_epoch_with_the_reason(served, 
     finally:
         hidden.rename(gone)
     assert collections.Counter(p.suffix for p in cache.dir.glob("*-train-*"))[".tar"] <= 12
+
+
+def test_two_ranks_share_the_cache_and_read_the_same_window(served, tmp_path):
+    """Two ranks of one node (threads here), each with its own ShardCache on the same folder: together every
+    sample once, equal batch counts, the folder within its limit, and no rank evicting a tar the other still
+    reads (pins)."""
+    from imt.pipeline.torch_baseline import ShardLoader
+
+    remote._cache.cache_clear()
+    loader, cache = _loader(served, tmp_path, "torch", 0)
+    ranks = [ShardLoader(loader.cfg, "train", DistInfo(rank=r, world_size=2), train=True, keys=True,
+                         cache=remote.ShardCache(served, cache.dir.parent, cache.limit / 2**30, workers=2))
+             for r in range(2)]
+    keys, biggest, errors = [[], []], [0], []
+
+    def run(r):
+        try:
+            for epoch in range(2):
+                ranks[r].set_epoch(epoch)
+                for batch in ranks[r]:
+                    keys[r].append(list(batch[2]))
+                    biggest[0] = max(biggest[0], _cache_bytes(cache.dir))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    assert len(keys[0]) == len(keys[1]) == 2 * len(ranks[0])
+    for epoch in range(2):
+        seen = [k for r in range(2) for b in keys[r][epoch * len(ranks[0]):(epoch + 1) * len(ranks[0])] for k in b]
+        assert sorted(seen) == sorted(set(seen)) and len(seen) == 96
+    assert biggest[0] <= cache.limit
+
+
+@pytest.mark.parametrize("kind", [pytest.param(("torch", 0), id="torch-0")] + KINDS[2:])
+def test_a_streamed_epoch_resumes_on_another_number_of_ranks(served, tmp_path, kind):
+    """Two ranks stopped after 2 batches of epoch 2; resumed on one rank, the rest of the epoch is trained once."""
+    from imt.pipeline.common import combine_states
+
+    remote._cache.cache_clear()
+    base, cache = _loader(served, tmp_path, *kind)
+    cls = type(base)
+    trained, states = [], []
+    for r in range(2):
+        lo = cls(base.cfg, "train", DistInfo(rank=r, world_size=2), train=True, keys=True, cache=cache)
+        lo.set_epoch(1)
+        it = iter(lo)
+        trained += [k for _, b in zip(range(2), it) for k in b[2]]
+        del it
+        states.append(lo.state_dict())
+    one = cls(base.cfg, "train", DistInfo(), train=True, keys=True, cache=cache)
+    assert "continues on 1 rank(s)" in one.load_state_dict(combine_states(states, 1, 0))
+    one.set_epoch(1)
+    rest = [k for b in one for k in b[2]]
+    seen = collections.Counter(trained + rest)
+    assert len(seen) == 96 and set(seen.values()) == {1}
