@@ -3,7 +3,7 @@
 
     root, cache = open_remote(cfg)   # a local shard folder in data.cache_dir: what both loaders read;
                                      # cache: None if it holds every tar, else the ShardCache to stream through
-    for path in ShardCache(url, cache_dir, limit).stream(order): ...   # one shard at a time, prefetched
+    feeder = Stream(cache, split, manifest).feeder(batches, ready)   # per epoch: tars fetched ahead
 
 Transport: fsspec (s3fs for s3://, gcsfs for gs://, aiohttp for http(s)://), so credentials, endpoints
 and regions come from each store's usual configuration (AWS_* variables and ~/.aws, gcloud's, ...).
@@ -13,11 +13,12 @@ index files and tars are kept in `data.cache_dir/<hash of the URL>/`, named `<sh
 a tar that changed on the store is never taken for the cached one. A download goes to a temporary name,
 is hashed, checked against the manifest's size and sha256, and only then renamed: a loader never sees a
 partial tar, so never a partial sample. A dropped connection, a timeout or a short or corrupt transfer is
-retried (RETRIES tries, with backoff); ranks of one node share the cache through a lock per file.
+retried (RETRIES tries, with backoff); ranks of one node share the cache through a lock per file, a lock
+on deciding what to evict, and pins on the tars each is reading (see Feeder).
 
-Cache size and eviction (`data.cache_limit`, GiB, 0 = no limit). `stream(order)` reads shards in a given
-order, fetching up to `prefetch` ahead within the limit and evicting by `victims`: first shards not needed
-again in the rest of the order, most recently used first; then the one needed farthest ahead (Belady).
+Cache size and eviction (`data.cache_limit`, GiB, 0 = no limit). A `Feeder` reads the tars of a sequence of
+batches, fetching ahead within the limit and evicting by `victims`: first shards not needed again in the
+rest of the epoch, most recently used first; then the one needed farthest ahead (Belady).
 Under LRU a cache smaller than the data set misses on every shard of every epoch once the order cycles
 (Mosaic Streaming issue #658); most-recently-used-first keeps a fixed part of the data set resident across
 epochs, so each epoch after the first fetches only what does not fit.
@@ -38,7 +39,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 from .manifest import MANIFEST_NAME, ManifestError
 
@@ -89,7 +89,7 @@ class ShardCache:
     """The shard folder at `url`, mirrored on demand into `cache_dir` (see the module's docstring)."""
 
     def __init__(self, url: str, cache_dir: str | Path = "", limit_gib: float = 0.0, *, workers: int = 4,
-                 prefetch: int = 2, retries: int = RETRIES):
+                 retries: int = RETRIES):
         import fsspec
 
         self.url = url.rstrip("/")
@@ -100,7 +100,7 @@ class ShardCache:
                                 "pip install 'imt[remote]' (s3fs, gcsfs, aiohttp)") from e
         self.dir = Path(cache_dir or DEFAULT_CACHE) / hashlib.sha256(self.url.encode()).hexdigest()[:16]
         self.limit = int(limit_gib * 2**30)
-        self.workers, self.prefetch, self.retries = workers, prefetch, retries
+        self.workers, self.retries = workers, retries
         self.fetches = 0  # downloads done (tests, logs)
         self._recent: list[str] = []
         self._manifest: dict | None = None
@@ -194,27 +194,6 @@ class ShardCache:
         return out
 
     # -------------------------------------------------------------------------------- readers
-    def stream(self, order: list[str]) -> Iterator[Path]:
-        """The local path of each tar of `order` (local names), fetched `prefetch` ahead in the background
-        and evicted by `victims` so the cache stays within its limit."""
-        specs = self.shards()
-        with ThreadPoolExecutor(self.workers) as pool:
-            pending: dict = {}
-            for i, name in enumerate(order):
-                rest = order[i:]
-                for ahead in rest[:1 + self.prefetch]:
-                    if ahead in pending or (self.dir / ahead).is_file():
-                        continue
-                    if not self._make_room(specs[ahead]["bytes"] or 0, rest, pending, specs):
-                        if ahead == name:
-                            raise ManifestError(f"{name} ({specs[name]['bytes'] / 2**30:.2f} GiB) does not fit "
-                                                f"data.cache_limit ({self.limit / 2**30:.2f} GiB); raise it")
-                        break  # no room yet: fetched once the reader has moved on
-                    pending[ahead] = pool.submit(self.fetch, ahead)
-                path = pending.pop(name).result() if name in pending else self.fetch(name)
-                self._used(name)
-                yield path
-
     def _make_room(self, need: int, rest: list[str], pending: dict, specs: dict, keep=frozenset(),
                    reserve: str | None = None) -> bool:
         """Evict (by `victims`) until `need` more bytes fit the limit beside the index files, the downloads in
@@ -424,6 +403,8 @@ class Feeder:
                 pending.pop(n).result()  # raises what the fetch raised (after its retries)
                 self._check(n)
             while ready < scheduled and not any(n in pending for n in needs[ready]):
+                for n in needs[ready]:
+                    cache._used(n)  # the order of use that `victims` evicts by
                 ready += 1
                 self._ready(ready)
                 progressed = True
