@@ -266,6 +266,12 @@ def windowed_order(counts: list[int], sizes: list[int], budget: int, world: int,
     return order, windows
 
 
+def first_world(segments: list | tuple, world: int) -> int:
+    """The number of ranks that began an epoch (what its windowed_order was dealt to): the first earlier run's
+    (epoch_plan's segments), or this run's."""
+    return int(segments[0][0]) if segments else world
+
+
 def split_rest(todo: list[int], world: int, rank: int, batch: int, drop_last: bool) -> list[list[int]]:
     """rank_batches of what is left of an epoch; when that rest cannot give every rank equal non-empty
     batches (fewer samples than ranks, say), at most world - 1 of its samples are repeated to fill it,

@@ -71,8 +71,8 @@ from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .augment import dali_auto_augment, dali_random_erase
-from .common import (MEAN, STD, Position, epoch_plan, label_outside, load_split, normalise, rank_batches, read_label,
-                     split_rest, torch_dtype, windowed_order)
+from .common import (MEAN, STD, Position, epoch_plan, first_world, label_outside, load_split, normalise,
+                     rank_batches, read_label, split_rest, torch_dtype, windowed_order)
 from .config import DataConfig
 from .manifest import ManifestError, read_index
 
@@ -432,7 +432,7 @@ class DaliLoader:
         """This rank's batches of a streamed epoch (common.windowed_order, split by epoch_plan as the torch
         loader does) and the epoch's windows (shard numbers)."""
         seed = _seed(self.cfg.seed, epoch) if self.train else None
-        order, windows = windowed_order(*self.stream.windows, segments[0][0] if segments else self.world, seed)
+        order, windows = windowed_order(*self.stream.windows, first_world(segments, self.world), seed)
         return epoch_plan(order, self.world, self.rank, self.cfg.batch_size, self.drop_last, segments), windows
 
     def _stream_epoch(self):

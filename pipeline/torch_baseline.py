@@ -43,7 +43,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
 from .augment import torch_transforms
-from .common import (Position, epoch_plan, label_outside, load_split, normalise, num_batches,
+from .common import (Position, epoch_plan, first_world, label_outside, load_split, normalise, num_batches,
                      read_label, torch_dtype, windowed_order)
 from .config import DataConfig
 from .manifest import MANIFEST_NAME, ManifestError, read_index
@@ -252,7 +252,7 @@ class _Batches(IterableDataset):
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
     def plan(self, epoch: int, segments=()) -> list[list[int]]:
-        return epoch_plan(self.order(epoch, segments[0][0] if segments else self.world), self.world, self.rank,
+        return epoch_plan(self.order(epoch, first_world(segments, self.world)), self.world, self.rank,
                           self.cfg.batch_size, self.train and self.cfg.drop_last, segments)
 
     def _wait(self, k: int, gen: int) -> bool:
