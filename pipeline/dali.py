@@ -481,6 +481,7 @@ class DaliLoader:
                         del self._consumed[before:before + sum(map(len, plan[first:start]))]
                     yield piece
                     feeder.consumed += 1
+                self._free()  # its tars may be evicted now: files it held open would keep their disk space
         finally:
             feeder.close()
 
