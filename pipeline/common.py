@@ -140,16 +140,16 @@ def read_label(tar, offset: int) -> int:
     return int.from_bytes(tar.read(8), "little", signed=True)
 
 
-def load_split(path: str | Path, split: str, *, tars: bool = True) -> tuple["Manifest", "Split"]:
+def load_split(path: str | Path, split: str, *, check_tars: bool = True) -> tuple["Manifest", "Split"]:
     """The manifest and one split, with every shard/index pair checked, before any loader
-    starts: a bad folder fails here with the file's name, not deep inside DALI. `tars` False (streamed
+    starts: a bad folder fails here with the file's name, not deep inside DALI. `check_tars` False (streamed
     from object storage): only the indexes are there yet; each pair is checked as its tar arrives."""
     from .manifest import ManifestError, load_manifest
 
     if not str(path):
         raise ManifestError("DataConfig.path is empty: point it at a folder made by "
                             "`imt-make-shards --src <data> --out <folder>`")
-    manifest = load_manifest(path, tars=tars)
+    manifest = load_manifest(path, check_tars=check_tars)
     sp = manifest.split(split)
     if sp.num_samples == 0 or not sp.shards:
         raise ManifestError(f"{manifest.root / 'manifest.json'}: split {split!r} has no samples; "
@@ -157,7 +157,7 @@ def load_split(path: str | Path, split: str, *, tars: bool = True) -> tuple["Man
     if not manifest.classes:
         raise ManifestError(f"{manifest.root / 'manifest.json'}: no classes listed; rebuild with "
                             f"`imt-make-shards --src <data> --out {manifest.root}`")
-    for shard in sp.shards if tars else ():
+    for shard in sp.shards if check_tars else ():
         check_shard_pair(shard, split, manifest.root, manifest.label_ext)
     return manifest, sp
 

@@ -245,7 +245,7 @@ class DaliLoader:
     def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False, cache=None):
         self.cfg, self.split_name, self.train, self.keys = cfg, split, train, keys
         self.rank, self.world, self.device = dist.rank, dist.world_size, torch.device(dist.device)
-        self.manifest, self.split = load_split(cfg.path, split, tars=cache is None)
+        self.manifest, self.split = load_split(cfg.path, split, check_tars=cache is None)
         self.stream = None  # a data set larger than data.cache_limit: a remote.Stream (see _stream_epoch)
         if cache is not None:
             from .remote import Stream

@@ -430,7 +430,7 @@ class ShardLoader(_TorchLoader):
     """loader="torch": the shards of cfg.path (manifest.json), read by the DataLoader workers."""
 
     def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False, cache=None):
-        manifest, sp = load_split(cfg.path, split, tars=cache is None)
+        manifest, sp = load_split(cfg.path, split, check_tars=cache is None)
         source = ShardSource(sp, manifest.num_classes, manifest.label_ext)
         feed = None
         if cache is not None:
