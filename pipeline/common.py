@@ -249,21 +249,20 @@ def windowed_order(counts: list[int], sizes: list[int], budget: int, world: int,
             used = 0
         windows[-1].append(s)
         used += sizes[s]
-    seq: list[int] = []
+    parts = []
     for window in windows:
-        samples = [i for s in window for i in range(int(firsts[s]), int(firsts[s + 1]))]
-        if g is not None:
-            samples = [samples[k] for k in torch.randperm(len(samples), generator=g).tolist()]
-        seq += samples
+        samples = np.concatenate([np.arange(firsts[s], firsts[s + 1]) for s in window])
+        parts.append(samples[torch.randperm(len(samples), generator=g).numpy()] if g is not None else samples)
+    seq = np.concatenate(parts)
     n = len(seq)
     rounds = n // world
     extra = [r for r in range(world) if n * (r + 1) // world - n * r // world > rounds]  # ranks with one more
-    order = []
+    shares = []
     for r in range(world):
-        order += seq[r:rounds * world:world]
+        shares.append(seq[r:rounds * world:world])
         if r in extra:
-            order.append(seq[rounds * world + extra.index(r)])
-    return order, windows
+            shares.append(seq[rounds * world + extra.index(r):][:1])
+    return np.concatenate(shares).tolist(), windows
 
 
 def first_world(segments: list | tuple, world: int) -> int:

@@ -30,6 +30,7 @@ the tars of the batches ahead in the cache, the next window's while the current 
 """
 from __future__ import annotations
 
+import collections
 import fcntl
 import functools
 import hashlib
@@ -330,6 +331,7 @@ class Feeder:
             for n in names:
                 when.setdefault(n, []).append(k)
         self._when = when
+        self._held, self._span = collections.Counter(), [0, 0]  # tars of batches [span[0], span[1]), counted
         self._thread = threading.Thread(target=self._run, name="imt-shard-feeder", daemon=True)
         self._thread.start()
 
@@ -351,6 +353,17 @@ class Feeder:
         ks = self._when.get(name, [])
         i = bisect.bisect_left(ks, now)
         return ks[i] if i < len(ks) else None
+
+    def _keep(self, lo: int, hi: int) -> set[str]:
+        """The tars of batches [lo, hi), kept up to date as both ends move forward (recounting them at every
+        batch would cost a window's batches times their tars, per batch)."""
+        held, span = self._held, self._span
+        for k in range(span[1], hi):
+            held.update(self.needs[k])
+        for k in range(span[0], lo):
+            held.subtract(self.needs[k])
+        span[:] = lo, max(hi, span[1])
+        return {n for n, c in held.items() if c > 0}
 
     def _pin(self, names: set) -> None:
         for n in [n for n in self._pins if n not in names]:
@@ -380,7 +393,7 @@ class Feeder:
             progressed = False
             while scheduled < len(needs) and len(pending) < cache.workers:
                 now = min(self.consumed, ready)
-                keep = {n for names in needs[now:scheduled + 1] for n in names}
+                keep = self._keep(now, scheduled + 1)
                 self._pin(keep)  # before looking: a tar seen here stays until this reader moves on
                 new = [n for n in needs[scheduled] if n not in pending and not (cache.dir / n).is_file()]
                 resident = sorted((n for n in cache._resident() if self._next_use(n, now) is not None),
