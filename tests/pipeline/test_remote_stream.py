@@ -227,3 +227,31 @@ def test_a_streamed_epoch_resumes_on_another_number_of_ranks(served, tmp_path, k
     rest = [k for b in one for k in b[2]]
     seen = collections.Counter(trained + rest)
     assert len(seen) == 96 and set(seen.values()) == {1}
+
+
+def test_a_streamed_data_set_on_s3_through_moto(many_shards, tmp_path, monkeypatch):
+    """The same through s3fs against moto's S3 server: an epoch reads every sample once within the limit."""
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+            monkeypatch.setenv(k, v)
+        s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
+        s3.create_bucket(Bucket="data")
+        for p in many_shards.iterdir():
+            s3.upload_file(str(p), "data", f"shards/{p.name}")
+        remote._cache.cache_clear()
+        loader, cache = _loader("s3://data/shards", tmp_path, "torch", 0)
+        keys, biggest = [], 0
+        for batch in loader:
+            keys += batch[2]
+            biggest = max(biggest, _cache_bytes(cache.dir))
+        assert sorted(keys) == [f"train_{i:08d}" for i in range(96)]
+        assert 0 < biggest <= cache.limit
+    finally:
+        server.stop()
