@@ -65,10 +65,10 @@ def served(many_shards, monkeypatch):
     server.server_close()
 
 
-def _limit_gib(url: str, tmp_path: Path) -> float:
-    """A third of the data set's tars and indexes (in GiB)."""
+def _limit_gib(url: str, tmp_path: Path, share: float = 1 / 3) -> float:
+    """`share` of the data set's tars and indexes (in GiB)."""
     specs = remote.ShardCache(url, tmp_path / "probe").shards()
-    return sum(s["bytes"] for s in specs.values()) / 3 / 2**30
+    return sum(s["bytes"] for s in specs.values()) * share / 2**30
 
 
 def _cache_bytes(folder: Path) -> int:
@@ -83,10 +83,10 @@ def _cache_bytes(folder: Path) -> int:
     return total
 
 
-def _loader(url, tmp_path, kind, workers=1, split="train"):
+def _loader(url, tmp_path, kind, workers=1, split="train", share=1 / 3):
     cfg = DataConfig(path=url, loader=kind, batch_size=7, resolution=32, val_resolution=32, workers=workers,
                      dtype="float32", dali_device="cpu", shuffle_buffer=16, seed=3,
-                     cache_dir=str(tmp_path / "cache"), cache_limit=_limit_gib(url, tmp_path))
+                     cache_dir=str(tmp_path / "cache"), cache_limit=_limit_gib(url, tmp_path, share))
     path, cache = remote.open_remote(cfg)
     assert cache is not None, "the data set fits the limit: nothing is streamed"
     cfg = DataConfig(**{**cfg.__dict__, "path": path})
@@ -255,3 +255,12 @@ def test_a_streamed_data_set_on_s3_through_moto(many_shards, tmp_path, monkeypat
         assert 0 < biggest <= cache.limit
     finally:
         server.stop()
+
+
+def test_a_cache_smaller_than_one_batch_is_refused_with_what_to_do(served, tmp_path):
+    from imt.pipeline.manifest import ManifestError
+
+    remote._cache.cache_clear()
+    loader, _ = _loader(served, tmp_path, "torch", 0, share=1 / 24)  # less than the tars one batch reads
+    with pytest.raises(ManifestError, match="more than data.cache_limit .* raise it"):
+        next(iter(loader))
