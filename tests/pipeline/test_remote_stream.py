@@ -231,12 +231,13 @@ def test_a_streamed_epoch_resumes_on_another_number_of_ranks(served, tmp_path, k
 
 def test_a_streamed_data_set_on_s3_through_moto(many_shards, tmp_path, monkeypatch):
     """The same through s3fs against moto's S3 server: an epoch reads every sample once within the limit."""
-    pytest.importorskip("s3fs")
+    s3fs = pytest.importorskip("s3fs")
     boto3 = pytest.importorskip("boto3")
     moto_server = pytest.importorskip("moto.server")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     try:
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem per arguments, not per endpoint
         host, port = server.get_host_and_port()
         for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                      "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
@@ -254,6 +255,7 @@ def test_a_streamed_data_set_on_s3_through_moto(many_shards, tmp_path, monkeypat
         assert sorted(keys) == [f"train_{i:08d}" for i in range(96)]
         assert 0 < biggest <= cache.limit
     finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # else the next test's s3:// reaches this stopped server
         server.stop()
 
 
