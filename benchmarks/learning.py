@@ -85,7 +85,8 @@ Machine: {"GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() els
 {os.cpu_count()} cores (load average {load:.1f} at the end), {r['threads']} torch thread(s), {c['precision']['dtype']}.
 {d['loader']} loader ({d['workers']} workers), batch {d['batch_size']}, {o['optimizer']} peak lr
 {o['lr'] * d['batch_size'] / 256:.3g} ({o['lr']:g} per 256), {o['warmup_epochs']:g} warm-up epoch(s) then \
-{o['schedule']}, label smoothing {o['label_smoothing']:g}, weight decay {o['weight_decay']:g}, crops {d['min_area']:g}-1 of the area at
+{o['schedule']}, label smoothing {o['label_smoothing']:g}, weight decay {o['weight_decay']:g}, \
+crops {d['min_area']:g}-1 of the area at
 {d['resolution']} px{ramp}, validation at {d['val_resolution']} px{', ' + extras if extras else ''}; \
 {r['epochs']} epochs (evaluated every {r['eval_every'] or r['epochs']}), seed {r['seed']}.
 
