@@ -93,8 +93,8 @@ class RunConfig:
     log_every: int = 50               # steps between host syncs (loss over ranks, NaN check, progress)
     keep_last: int = 3                # periodic checkpoints kept (best.pt is kept besides)
     # epochs between evaluations; the last epoch is always evaluated, and 0 evaluates only the last. Not free on
-    # small data: Imagenette's 1,500 val images with tta_flip took 35% of a 4,000-image epoch's training time
-    # (RESULTS.md, "CPU learning recipe (issue 14)"), a third of a 6-minute budget if done every epoch.
+    # small data: Imagenette's 1,500 val images with tta_flip took 13-35% of a 4,000-image epoch's training time
+    # on the CPU (RESULTS.md, "CPU learning recipe and DALI-vs-torch agreement (issue 14)").
     eval_every: int = 1
     # Progressive resizing (FFCV): the training resolution rises linearly from start_res to end_res between
     # epochs ramp_start and ramp_end, rounded to res_step. start_res 0 = off (data.resolution throughout);
