@@ -267,7 +267,7 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         dist.broadcast_buffers(model, info)  # rank 0's BN statistics everywhere: eval = checkpoint
         if ema is not None:
             dist.broadcast_buffers(ema.module, info)
-        if (epoch + 1) % run.eval_every == 0 or epoch + 1 == run.epochs:
+        if (run.eval_every and (epoch + 1) % run.eval_every == 0) or epoch + 1 == run.epochs:
             t_eval = time.perf_counter()
             last_eval = evaluate(ema.module if ema is not None else model, val_loader, autocast, info,
                                  len(classes), tta_flip=run.tta_flip)
@@ -282,7 +282,8 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         metrics.write(row)
         history.append(row)
         say.write(f"epoch {epoch + 1}/{run.epochs}: loss {stats.loss:.4f}"
-                  + (f" | val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%" if last_eval else "")
+                  + (f" | val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
+                     if row["val_top1"] is not None else "")
                   + f" | {row['images_per_sec']:.0f} img/s | data wait {100 * row['data_wait_fraction']:.0f}%"
                   + f" | {res}px | {row['epoch_time']:.1f}s")
         if epoch == start_epoch and (note := data_wait_note(row["data_wait_fraction"], cfg.data.path)):

@@ -1,5 +1,6 @@
-"""Slow: the trainer really learns. ResNet-18 from scratch at 64 px on Imagenette (chance 10%), CPU,
-a few minutes (benchmarks/learning.py records the figures in benchmarks/RESULTS.md)."""
+"""Slow: the trainer really learns. benchmarks.learning's recipe (recipes/cpu_small.yaml: ResNet-18 from
+scratch at low resolution) on Imagenette (chance 10%), CPU, cut to 3 epochs: a few minutes
+(benchmarks/learning.py records the full run's figures in benchmarks/RESULTS.md)."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 def test_resnet18_learns_imagenette(imagenette, tmp_path):
     from imt.benchmarks.learning import run
 
-    summary = run(imagenette, loader="folder", resolution=64, epochs=3, batch_size=64, out=tmp_path / "run")
+    summary = run(imagenette, overrides={"data.loader": "folder", "run.epochs": 3}, out=tmp_path / "run")
     rows = summary["rows"]
     assert summary["final"]["val_count"] == 1500  # 150 per class, each counted once
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]

@@ -52,6 +52,16 @@ def test_synthetic_run_learns_and_writes_everything(tmp_path):
     assert len(state["classes"]) == 4 and state["config"]["run"]["epochs"] == 3
 
 
+def test_eval_every_0_evaluates_only_the_last_epoch_and_skipped_epochs_print(tmp_path):
+    train(_cfg(tmp_path, **{"run.epochs": 3, "run.eval_every": 0}))
+    assert [r["val_top1"] is None for r in _rows(tmp_path / "run")] == [True, True, False]
+    # an epoch without evaluation after one with it (the progress line once formatted the missing top-1)
+    train(_cfg(tmp_path, "every2", **{"run.epochs": 4, "run.eval_every": 2}))
+    assert [r["val_top1"] is None for r in _rows(tmp_path / "every2")] == [True, False, True, False]
+    with pytest.raises(ValueError, match="run.eval_every=-1"):
+        _cfg(tmp_path, **{"run.eval_every": -1})
+
+
 class StopAfter(StopFlag):
     """Asks to stop after `n` looks (the loop looks once per step in one process): a simulated preemption."""
 
