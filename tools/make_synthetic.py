@@ -40,9 +40,10 @@ CLASSES = (
 # ImageNet sizes: about 3/4 of images are 500x375 or 375x500; the rest vary.
 _SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (640, 480), (333, 500), (400, 300))
 _SIZE_WEIGHTS = (0.5, 0.2, 0.1, 0.06, 0.06, 0.04, 0.04)
-# Pattern period as a fraction of the shorter side: 0.08 x 375 px = 30 px, which the demo recipe's 64-px
-# crops (40-100% of the area) and validation resize (shorter side to 73 px) shrink to 4-7 px.
-_PERIOD = (0.08, 0.16)
+# Pattern period as a fraction of the shorter side: 0.10 x 375 px = 37 px, which the demo recipe's 64-px
+# crops (40-100% of a 500x375 picture) shrink to 5.5-8.7 px and its validation resize (shorter side to
+# 73 px) to 7.3 px. Periods from 0.08 and 60-100% opacity left more confused (RESULTS.md, "The demo learns").
+_PERIOD = (0.10, 0.20)
 _TILT = math.radians(10)  # the largest tilt of the axis-aligned classes; diagonals are 30-60 degrees off
 
 
@@ -116,10 +117,10 @@ def draw_sample(label: int, rng: random.Random) -> Image.Image:
     w, h = size
     img = _background(rng, size)
     fg = _colour(rng, avoid=img.getpixel((w // 2, h // 2)))
-    # the pattern covers 75-100% of each side (so any crop of >= 40% of the area shows it), at 60-100% opacity
+    # the pattern covers 75-100% of each side (so any crop of >= 40% of the area shows it), at 75-100% opacity
     pw, ph = int(w * rng.uniform(0.75, 1.0)), int(h * rng.uniform(0.75, 1.0))
     x0, y0 = rng.randint(0, w - pw), rng.randint(0, h - ph)
-    alpha = np.where(_mask(CLASSES[label], rng, pw, ph), round(255 * rng.uniform(0.6, 1.0)), 0).astype(np.uint8)
+    alpha = np.where(_mask(CLASSES[label], rng, pw, ph), round(255 * rng.uniform(0.75, 1.0)), 0).astype(np.uint8)
     img.paste(Image.new("RGB", (pw, ph), fg), (x0, y0), Image.fromarray(alpha, "L"))
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2.0)))
