@@ -8,7 +8,7 @@ nor position says anything: the class is the structure, which a small CNN picks 
 updates. Textures rather than shapes, because the shape classes the dataset first had (circles, squares,
 triangles, crosses) stayed near chance after the demo's 200 updates while the texture classes were learned
 within a few epochs (benchmarks/RESULTS.md, "Demo recipe"). No two classes are mirror images of each other
-(training flips horizontally), and periods keep >= 4 px after the recipe's downscaling to 64 px.
+(training flips horizontally), and periods keep >= 5 px after the recipe's downscaling to 64 px.
 Sizes follow ImageNet's (mostly 500x375 / 375x500, some others), JPEG quality 90. The output is a pure
 function of (seed, counts): the same call writes the same bytes.
 
