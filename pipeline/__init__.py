@@ -25,15 +25,17 @@ def build_loader(cfg: DataConfig, split: str, dist: "DistInfo", *, train: bool) 
     if cfg.loader == "synthetic":
         from .synthetic import SyntheticLoader
         return SyntheticLoader(cfg, dist.device, train=train, rank=dist.rank)
+    cache = None
     if cfg.loader in ("dali", "torch"):  # shards on object storage or a web server: read a local copy
-        from .remote import stage
-        cfg = replace(cfg, path=stage(cfg))
+        from .remote import open_remote
+        path, cache = open_remote(cfg)  # cache: a data set larger than data.cache_limit, streamed through it
+        cfg = replace(cfg, path=path)
     if cfg.loader == "dali":
         from .dali import DaliLoader
-        return DaliLoader(cfg, split, dist, train=train)
+        return DaliLoader(cfg, split, dist, train=train, cache=cache)
     if cfg.loader == "torch":
         from .torch_baseline import ShardLoader
-        return ShardLoader(cfg, split, dist, train=train)
+        return ShardLoader(cfg, split, dist, train=train, cache=cache)
     if cfg.loader == "folder":
         from .torch_baseline import FolderLoader
         return FolderLoader(cfg, split, dist, train=train)

@@ -140,15 +140,16 @@ def read_label(tar, offset: int) -> int:
     return int.from_bytes(tar.read(8), "little", signed=True)
 
 
-def load_split(path: str | Path, split: str) -> tuple["Manifest", "Split"]:
+def load_split(path: str | Path, split: str, *, check_tars: bool = True) -> tuple["Manifest", "Split"]:
     """The manifest and one split, with every shard/index pair checked, before any loader
-    starts: a bad folder fails here with the file's name, not deep inside DALI."""
+    starts: a bad folder fails here with the file's name, not deep inside DALI. `check_tars` False (streamed
+    from object storage): only the indexes are there yet; each pair is checked as its tar arrives."""
     from .manifest import ManifestError, load_manifest
 
     if not str(path):
         raise ManifestError("DataConfig.path is empty: point it at a folder made by "
                             "`imt-make-shards --src <data> --out <folder>`")
-    manifest = load_manifest(path)
+    manifest = load_manifest(path, check_tars=check_tars)
     sp = manifest.split(split)
     if sp.num_samples == 0 or not sp.shards:
         raise ManifestError(f"{manifest.root / 'manifest.json'}: split {split!r} has no samples; "
@@ -156,7 +157,7 @@ def load_split(path: str | Path, split: str) -> tuple["Manifest", "Split"]:
     if not manifest.classes:
         raise ManifestError(f"{manifest.root / 'manifest.json'}: no classes listed; rebuild with "
                             f"`imt-make-shards --src <data> --out {manifest.root}`")
-    for shard in sp.shards:
+    for shard in sp.shards if check_tars else ():
         check_shard_pair(shard, split, manifest.root, manifest.label_ext)
     return manifest, sp
 
@@ -210,6 +211,64 @@ def epoch_plan(order: list[int], world: int, rank: int, batch: int, drop_last: b
         todo = [i for r in range(w) for part in rank_batches(todo, w, r, b, drop_last)[done:] for i in part]
     return split_rest(todo, world, rank, batch, drop_last) if segments else \
         rank_batches(todo, world, rank, batch, drop_last)
+
+
+def windowed_order(counts: list[int], sizes: list[int], budget: int, world: int,
+                   seed: int | None) -> tuple[list[int], list[list[int]]]:
+    """An epoch's sample order for shards read through a cache smaller than the data set (pipeline/remote.py),
+    and its windows (each a list of shard numbers, in reading order). Shard s holds samples
+    [sum(counts[:s]), sum(counts[:s + 1])) and `sizes[s]` bytes.
+
+    The shards in a random order seeded by `seed` (None: the stored order, nothing shuffled: validation), cut
+    into consecutive windows of at most `budget` bytes (one shard per window if a shard is larger), and the
+    samples of each window shuffled among themselves: Mosaic Streaming's py1b ("shuffles shards, then divides
+    them into fixed-size blocks and shuffles the samples within each block": mosaicml/streaming#223, and its
+    shuffling guide, docs.mosaicml.com/projects/streaming/en/stable/dataset_configuration/shuffling.html), with
+    blocks cut at shard boundaries by bytes rather than by sample count, so that one window is what the cache
+    holds. The loaders pass about half the cache as `budget`, so the next window is fetched while this one is
+    read. The trade-off, against the global shuffle used when the data fits: a batch only mixes samples of one
+    window (budget / shard size shards) instead of the whole data set, and two samples of one shard are never
+    more than a window apart. ImageNet as make_shards cuts it by default (~140 train shards of 1 GB, ~9 k
+    samples each, classes mixed: it shuffles before writing) through a 20 GiB cache: windows of ~10 shards,
+    ~90 k samples, from which every batch is drawn uniformly.
+
+    Every rank reads the same window at the same time: window after window, its samples are dealt to the ranks
+    in turn (rank r takes positions r, r + world, ...), and the order returned is rank 0's samples, then rank 1's,
+    ..., each share exactly as long as rank_batches cuts it (n*(r+1)//world - n*r//world). So it stays a plain
+    list for rank_batches / epoch_plan: the rank split, exact resume (an index into the plan) and the rest-
+    splitting after a change of ranks (common.epoch_plan) work on it unchanged. It depends on `world`: a
+    loader passes the number of ranks that began the epoch (the first resume segment's, or its own)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    firsts = np.concatenate(([0], np.cumsum(counts)))
+    shards = torch.randperm(len(counts), generator=g).tolist() if g is not None else list(range(len(counts)))
+    windows: list[list[int]] = []
+    used = 0
+    for s in shards:
+        if not windows or used + sizes[s] > budget:
+            windows.append([])
+            used = 0
+        windows[-1].append(s)
+        used += sizes[s]
+    parts = []
+    for window in windows:
+        samples = np.concatenate([np.arange(firsts[s], firsts[s + 1]) for s in window])
+        parts.append(samples[torch.randperm(len(samples), generator=g).numpy()] if g is not None else samples)
+    seq = np.concatenate(parts)
+    n = len(seq)
+    rounds = n // world
+    extra = [r for r in range(world) if n * (r + 1) // world - n * r // world > rounds]  # ranks with one more
+    shares = []
+    for r in range(world):
+        shares.append(seq[r:rounds * world:world])
+        if r in extra:
+            shares.append(seq[rounds * world + extra.index(r):][:1])
+    return np.concatenate(shares).tolist(), windows
+
+
+def first_world(segments: list | tuple, world: int) -> int:
+    """The number of ranks that began an epoch (what its windowed_order was dealt to): the first earlier run's
+    (epoch_plan's segments), or this run's."""
+    return int(segments[0][0]) if segments else world
 
 
 def split_rest(todo: list[int], world: int, rank: int, batch: int, drop_last: bool) -> list[list[int]]:

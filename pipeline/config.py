@@ -41,6 +41,7 @@ class DataConfig:
     randaugment_magnitude: int = 9
     random_erase: float = 0.0
     # path s3://, gs://, http(s)://: shards are fetched into this folder (pipeline/remote.py), at most
-    # cache_limit GiB of them (0: no limit); "" = $XDG_CACHE_HOME/imt/shards (~/.cache/imt/shards).
+    # cache_limit GiB of them (0: no limit; a larger data set is streamed in windows of half of it, shuffled
+    # within each: common.windowed_order); "" = $XDG_CACHE_HOME/imt/shards (~/.cache/imt/shards).
     cache_dir: str = ""
     cache_limit: float = 0.0

@@ -47,6 +47,9 @@ Choices, with reasons:
   rank trained is split among the new ranks (common.split_rest) and each builds a one-epoch pipeline over
   index files that list exactly its samples (lines of the shards' own .idx files: no data is copied).
   Validation reads the stored order with `stick_to_shard`.
+- Shards on object storage larger than data.cache_limit (pipeline/remote.py): the epoch's order is
+  common.windowed_order's, and each window's batches are read by a pipeline built over them once their tars
+  are in the cache (`_stream_epoch`).
 - EXIF orientation is ignored (`adjust_orientation=False`), as torchvision/PIL's ImageFolder
   does, so both loaders (and pretrained torchvision weights) see the same pixels.
 - Resolution: the crop size is fixed per pipeline; `set_resolution(px)` rebuilds the pipeline at
@@ -68,8 +71,8 @@ from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .augment import dali_auto_augment, dali_random_erase
-from .common import (MEAN, STD, Position, label_outside, load_split, normalise, rank_batches, read_label, split_rest,
-                     torch_dtype)
+from .common import (MEAN, STD, Position, epoch_plan, first_world, label_outside, load_split, normalise,
+                     rank_batches, read_label, split_rest, torch_dtype, windowed_order)
 from .config import DataConfig
 from .manifest import ManifestError, read_index
 
@@ -239,10 +242,14 @@ def executor_args(gpu_outputs: bool) -> dict:
 class DaliLoader:
     """The Loader contract over a DALI pipeline (see the module docstring for the semantics)."""
 
-    def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False):
+    def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False, cache=None):
         self.cfg, self.split_name, self.train, self.keys = cfg, split, train, keys
         self.rank, self.world, self.device = dist.rank, dist.world_size, torch.device(dist.device)
-        self.manifest, self.split = load_split(cfg.path, split)
+        self.manifest, self.split = load_split(cfg.path, split, check_tars=cache is None)
+        self.stream = None  # a data set larger than data.cache_limit: a remote.Stream (see _stream_epoch)
+        if cache is not None:
+            from .remote import Stream
+            self.stream = Stream(cache, self.split, self.manifest)
         self.classes = self.manifest.classes
         self.decode, self.gpu = placement(cfg, self.device)  # gpu: the pipeline's outputs are on the GPU
         self.out_type = output_type(cfg, self.gpu, self.device)
@@ -298,7 +305,7 @@ class DaliLoader:
         buffers, every random generator: `enable_checkpointing`), and what the pipeline was built with."""
         extra = {"dali": b"", "built_epoch": self._first_epoch, "resolution": self._built_resolution or 0,
                  "consumed": torch.tensor(self._consumed if self.pos.done else [], dtype=torch.int32),
-                 "one_epoch": self._first_epoch < 0}
+                 "one_epoch": self._first_epoch < 0 and self.stream is None}
         if self._left_at is not None and (self._left_at["epoch"], self._left_at["done"]) == \
                 (self.pos.epoch, self.pos.done):
             extra.update(dali=self._left_at["dali"], built_epoch=self._left_at["built_epoch"],
@@ -315,6 +322,8 @@ class DaliLoader:
         the new ranks (rank_batches) and each rank's pipeline reads exactly its part, once."""
         self._elastic = None
         note = self.pos.load(state, elastic=True)
+        if self.stream is not None:  # the plan is a function of (seed, epoch, ranks): epoch_plan resumes it
+            return note
         if self.pos.pending is not None and (state.get("one_epoch") or not self.pos.same_run(state)):
             if "consumed_all" not in state:
                 self.pos.pending = None
@@ -332,12 +341,18 @@ class DaliLoader:
 
     def position(self) -> tuple[int, int]:
         resume = self.pos.resume_for(self.epoch)
+        if self.stream is not None:
+            left = len(self._stream_plan(self.epoch, resume[0])[0]) - resume[1] if resume else self._len
+            return self._len - left, left
         if resume is not None and self._elastic is not None and self._elastic[0] == self.epoch:
             return self._len - len(self._elastic[2]), len(self._elastic[2])
         start = resume[1] if resume else 0
         return start, self._len - start
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.stream is not None:
+            yield from self._stream_epoch()
+            return
         resume = self.pos.pending if self.pos.resume_for(self.epoch) else None
         elastic = self._elastic if resume is not None and self._elastic and self._elastic[0] == self.epoch \
             else None
@@ -413,9 +428,67 @@ class DaliLoader:
         self._first_epoch, self._epochs_done = first, self.epoch - first
         self._built_resolution = size
 
-    def _build_rest(self, samples: list[int]) -> None:
+    def _stream_plan(self, epoch: int, segments: list) -> tuple[list[list[int]], list[list[int]]]:
+        """This rank's batches of a streamed epoch (common.windowed_order, split by epoch_plan as the torch
+        loader does) and the epoch's windows (shard numbers)."""
+        seed = _seed(self.cfg.seed, epoch) if self.train else None
+        order, windows = windowed_order(*self.stream.windows, first_world(segments, self.world), seed)
+        return epoch_plan(order, self.world, self.rank, self.cfg.batch_size, self.drop_last, segments), windows
+
+    def _stream_epoch(self):
+        """An epoch of a data set larger than the cache. DALI's readers open their files when the pipeline is
+        built, so the plan's batches are read in groups, one per window (a batch goes with its first sample's
+        window), each by a pipeline over exactly its samples (_build_rest), built once the Feeder has the
+        group's tars in the cache; it fetches the next window's meanwhile. Within a group DALI's reader
+        shuffles through its buffer (data.shuffle_buffer), as the whole-data-set pipeline does, so a batch
+        holds the group's samples but not the plan's exact batch. A resume inside a group rebuilds that group's
+        pipeline and drops the batches already trained (decoded again: at most one window's share of this
+        rank), so the keys, and on the CPU the pixels, are the uninterrupted run's."""
+        import threading
+
+        segments, start = self.pos.begin(self.epoch)
+        plan, windows = self._stream_plan(self.pos.epoch, segments)
+        self.pos.end = len(plan)
+        if start >= len(plan):
+            return
+        window_of = {s: k for k, w in enumerate(windows) for s in w}
+        first_window = [window_of[s] for s in self.stream.shard_of([b[0] for b in plan])]
+        cuts = [0] + [j for j in range(1, len(plan)) if first_window[j] != first_window[j - 1]] + [len(plan)]
+        ready, cond = [0], threading.Condition()
+
+        def on_ready(k: int) -> None:
+            with cond:
+                ready[0] = k
+                cond.notify_all()
+
+        feeder = self.stream.feeder(plan[start:], on_ready)
+        try:
+            for first, stop in zip(cuts, cuts[1:]):
+                if stop <= start:
+                    continue
+                with cond:
+                    cond.wait_for(lambda: ready[0] < 0 or ready[0] >= stop - start)
+                if ready[0] < 0:
+                    raise feeder.error
+                samples = [i for b in plan[first:stop] for i in b]
+                self._build_rest(samples, part=first)
+                skip, before = max(0, start - first), len(self._consumed)
+                self.pos.done = first
+                for j, piece in enumerate(self._epoch_batches(0, size=len(samples), length=stop - first)):
+                    if j < skip:  # trained before the resume: its samples are in the state's "consumed"
+                        continue
+                    if j == skip and skip:
+                        del self._consumed[before:before + sum(map(len, plan[first:start]))]
+                    yield piece
+                    feeder.consumed += 1
+                self._free()  # its tars may be evicted now: files it held open would keep their disk space
+        finally:
+            feeder.close()
+
+    def _build_rest(self, samples: list[int], part: int | None = None) -> None:
         """A pipeline for one epoch that reads exactly `samples` (indices in the split), through index files
-        that list only them (the shard's own .idx lines: DALI reads them by offset, nothing is copied)."""
+        that list only them (the shard's own .idx lines: DALI reads them by offset, nothing is copied).
+        `part`: which group of a streamed epoch (_stream_epoch), in the seeds."""
         import tempfile
         from pathlib import Path
 
@@ -434,13 +507,14 @@ class DaliLoader:
                     tars.append(str(shard.tar))
                     indexes.append(str(index))
             cfg = self.cfg
+            seeds = (cfg.seed, self.epoch, self.rank) + (() if part is None else (part,))
             pipe = _graph(
-                tars, indexes, train=True, decode=self.decode, augment_gpu=self.gpu, out_type=self.out_type,
+                tars, indexes, train=self.train, decode=self.decode, augment_gpu=self.gpu, out_type=self.out_type,
                 size=self.resolution, resize_shorter=int(cfg.val_resolution / cfg.val_resize_ratio), cfg=cfg,
-                shard_id=0, num_shards=1, reader_seed=_seed(cfg.seed, self.epoch, self.rank, 2), order_seed=0,
+                shard_id=0, num_shards=1, reader_seed=_seed(*seeds, 2), order_seed=0,
                 keys=True, label_ext=self.manifest.label_ext, one_epoch=True, batch_size=cfg.batch_size,
                 num_threads=max(1, cfg.workers), device_id=(self.device.index or 0) if self.gpu else None,
-                prefetch_queue_depth=cfg.prefetch, seed=_seed(cfg.seed, self.epoch, self.rank, 3),
+                prefetch_queue_depth=cfg.prefetch, seed=_seed(*seeds, 3),
                 **executor_args(self.gpu))
             pipe.build()  # reads the index files now
         self._pipe = pipe

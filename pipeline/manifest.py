@@ -177,8 +177,8 @@ def read_index(path: Path) -> Index:
     return Index(path, count, exts, offsets, sizes, names)
 
 
-def _check_shard(shard: Shard, root: Path) -> None:
-    for p in (shard.tar, shard.index):
+def _check_shard(shard: Shard, root: Path, check_tars: bool = True) -> None:
+    for p in (shard.tar, shard.index) if check_tars else (shard.index,):
         if not p.is_file() or p.stat().st_size == 0:
             raise ManifestError(f"{p}: missing or empty, but listed in {root / MANIFEST_NAME}; "
                                 f"{_remake_hint(root)}")
@@ -221,9 +221,10 @@ def _parse_split(name: str, d: dict, root: Path, where: Path, tars: Path | None 
     return split
 
 
-def load_manifest(root: str | Path, *, check_files: bool = True) -> Manifest:
+def load_manifest(root: str | Path, *, check_files: bool = True, check_tars: bool = True) -> Manifest:
     """Parse `<root>/manifest.json`. With check_files, every tar and idx must exist and be
-    non-empty and each idx header must agree with the manifest's count (cheap: one line each)."""
+    non-empty and each idx header must agree with the manifest's count (cheap: one line each).
+    `check_tars` False: the tars are not there yet (streamed from object storage, pipeline/remote.py)."""
     root = Path(root).resolve()
     where = root / MANIFEST_NAME
     if not where.is_file():
@@ -266,5 +267,5 @@ def load_manifest(root: str | Path, *, check_files: bool = True) -> Manifest:
     if check_files:
         for split in splits.values():
             for shard in split.shards:
-                _check_shard(shard, root)
+                _check_shard(shard, root, check_tars)
     return Manifest(root=root, classes=classes, settings=settings, splits=splits, label_ext=label_ext)

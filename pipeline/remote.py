@@ -1,8 +1,9 @@
 """Shards on object storage or a web server: `--data s3://bucket/shards`, `gs://bucket/shards`,
 `https://host/shards` (any folder made by imt-make-shards or imt-index-shards, uploaded as it is).
 
-    root = stage(cfg)        # a local shard folder in data.cache_dir: what both loaders read
-    for path in ShardCache(url, cache_dir, limit).stream(order): ...   # one shard at a time, prefetched
+    root, cache = open_remote(cfg)   # a local shard folder in data.cache_dir: what both loaders read;
+                                     # cache: None if it holds every tar, else the ShardCache to stream through
+    feeder = Stream(cache, split, manifest).feeder(batches, ready)   # per epoch: tars fetched ahead
 
 Transport: fsspec (s3fs for s3://, gcsfs for gs://, aiohttp for http(s)://), so credentials, endpoints
 and regions come from each store's usual configuration (AWS_* variables and ~/.aws, gcloud's, ...).
@@ -12,27 +13,33 @@ index files and tars are kept in `data.cache_dir/<hash of the URL>/`, named `<sh
 a tar that changed on the store is never taken for the cached one. A download goes to a temporary name,
 is hashed, checked against the manifest's size and sha256, and only then renamed: a loader never sees a
 partial tar, so never a partial sample. A dropped connection, a timeout or a short or corrupt transfer is
-retried (RETRIES tries, with backoff); ranks of one node share the cache through a lock per file.
+retried (RETRIES tries, with backoff); ranks of one node share the cache through a lock per file, a lock
+on deciding what to evict, and pins on the tars each is reading (see Feeder).
 
-Cache size and eviction (`data.cache_limit`, GiB, 0 = no limit). `stream(order)` reads shards in a given
-order, fetching up to `prefetch` ahead within the limit and evicting by `victims`: first shards not needed
-again in the rest of the order, most recently used first; then the one needed farthest ahead (Belady).
+Cache size and eviction (`data.cache_limit`, GiB, 0 = no limit). A `Feeder` reads the tars of a sequence of
+batches, fetching ahead within the limit and evicting by `victims`: first shards not needed again in the
+rest of the epoch, most recently used first; then the one needed farthest ahead (Belady).
 Under LRU a cache smaller than the data set misses on every shard of every epoch once the order cycles
 (Mosaic Streaming issue #658); most-recently-used-first keeps a fixed part of the data set resident across
-epochs, so each epoch after the first fetches only what does not fit. The loaders draw every epoch's
-samples from all shards at random (a global shuffle), so `stage`, which they use, needs the whole data set
-to fit the limit and says so otherwise; `stream` serves shard-sequential readers.
+epochs, so each epoch after the first fetches only what does not fit.
+
+A data set that fits the limit is staged whole (`stage`) and the loaders shuffle it globally. One that does not
+is streamed (`open_remote` returns the cache): its indexes are staged, each epoch's order becomes windows of
+shards of about half the cache (common.windowed_order), and a `Feeder` thread in the trainer's process keeps
+the tars of the batches ahead in the cache, the next window's while the current one is read.
 """
 from __future__ import annotations
 
+import collections
 import fcntl
+import functools
 import hashlib
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 from .manifest import MANIFEST_NAME, ManifestError
 
@@ -83,7 +90,7 @@ class ShardCache:
     """The shard folder at `url`, mirrored on demand into `cache_dir` (see the module's docstring)."""
 
     def __init__(self, url: str, cache_dir: str | Path = "", limit_gib: float = 0.0, *, workers: int = 4,
-                 prefetch: int = 2, retries: int = RETRIES):
+                 retries: int = RETRIES):
         import fsspec
 
         self.url = url.rstrip("/")
@@ -94,7 +101,7 @@ class ShardCache:
                                 "pip install 'imt[remote]' (s3fs, gcsfs, aiohttp)") from e
         self.dir = Path(cache_dir or DEFAULT_CACHE) / hashlib.sha256(self.url.encode()).hexdigest()[:16]
         self.limit = int(limit_gib * 2**30)
-        self.workers, self.prefetch, self.retries = workers, prefetch, retries
+        self.workers, self.retries = workers, retries
         self.fetches = 0  # downloads done (tests, logs)
         self._recent: list[str] = []
         self._manifest: dict | None = None
@@ -177,58 +184,109 @@ class ShardCache:
             self._recent.remove(name)
         self._recent.append(name)
 
-    def _resident(self) -> dict[str, int]:
-        return {p.name: p.stat().st_size for p in self.dir.glob("*.tar")} if self.dir.is_dir() else {}
+    def _resident(self, ext: str = ".tar") -> dict[str, int]:
+        """Name -> bytes of the cached files ending in `ext` (a file another rank evicts meanwhile is left out)."""
+        out = {}
+        for p in self.dir.glob(f"*{ext}") if self.dir.is_dir() else ():
+            try:
+                out[p.name] = p.stat().st_size
+            except FileNotFoundError:
+                pass
+        return out
 
     # -------------------------------------------------------------------------------- readers
-    def stream(self, order: list[str]) -> Iterator[Path]:
-        """The local path of each tar of `order` (local names), fetched `prefetch` ahead in the background
-        and evicted by `victims` so the cache stays within its limit."""
-        specs = self.shards()
-        with ThreadPoolExecutor(self.workers) as pool:
-            pending: dict = {}
-            for i, name in enumerate(order):
-                rest = order[i:]
-                for ahead in rest[:1 + self.prefetch]:
-                    if ahead in pending or (self.dir / ahead).is_file():
-                        continue
-                    if not self._make_room(specs[ahead]["bytes"] or 0, rest, pending, specs):
-                        if ahead == name:
-                            raise ManifestError(f"{name} ({specs[name]['bytes'] / 2**30:.2f} GiB) does not fit "
-                                                f"data.cache_limit ({self.limit / 2**30:.2f} GiB); raise it")
-                        break  # no room yet: fetched once the reader has moved on
-                    pending[ahead] = pool.submit(self.fetch, ahead)
-                path = pending.pop(name).result() if name in pending else self.fetch(name)
-                self._used(name)
-                yield path
-
-    def _make_room(self, need: int, rest: list[str], pending: dict, specs: dict) -> bool:
+    def _make_room(self, need: int, rest: list[str], pending: dict, specs: dict, keep=frozenset(),
+                   reserve: str | None = None) -> bool:
+        """Evict (by `victims`) until `need` more bytes fit the limit beside the index files, the downloads in
+        flight (this object's `pending`, and every reservation in the folder) and the tars in `keep`; False when
+        that is not possible now. A tar pinned by a reader of this node (Feeder) is never evicted. `reserve`: the
+        tar the room is for, marked as on its way (`_want`) before the folder's lock is released, so ranks of
+        this node sharing the cache decide one at a time and never both spend the same free bytes."""
         if not self.limit:
             return True
-        resident = self._resident()
-        in_flight = sum(specs[n]["bytes"] or 0 for n, f in pending.items() if not f.done())
-        drop = victims(resident, need + in_flight, self.limit, rest, self._recent)
-        if sum(resident.values()) - sum(resident[n] for n in drop) + in_flight + need > self.limit:
-            return False
-        for n in drop:
-            (self.dir / n).unlink(missing_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".room.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            resident = self._resident()
+            coming = self._wanted() | {n for n, f in pending.items() if not f.done()}
+            if reserve in coming:  # another rank is fetching it: no new bytes
+                need = 0
+            in_flight = sum(specs[n]["bytes"] or 0 for n in coming - resident.keys() - {reserve})
+            kept = sum(resident.pop(n) for n in list(resident) if n in keep)
+            limit = self.limit - kept - self._index_bytes()
+            drop = victims(resident, need + in_flight, limit, rest, self._recent)
+            if sum(resident.values()) - sum(resident[n] for n in drop) + in_flight + need > limit:
+                return False
+            for n in drop:
+                if not self._evict(n):
+                    return False
+            if reserve is not None:
+                self._want(reserve).touch()
+            return True
+
+    def _want(self, name: str) -> Path:
+        """The mark of a download this object has room for (removed by `_unwant` when it ends)."""
+        return self.dir / f".{name}.want{os.getpid()}-{id(self):x}"
+
+    def _unwant(self, name: str) -> None:
+        self._want(name).unlink(missing_ok=True)
+
+    def _wanted(self) -> set[str]:
+        """Tars some process of this node has made room for and is fetching. A mark left by a process that
+        died is removed."""
+        out = set()
+        for p in self.dir.glob(".*.want*"):
+            name, _, owner = p.name[1:].rpartition(".want")
+            try:
+                os.kill(int(owner.split("-")[0]), 0)
+            except ProcessLookupError:
+                p.unlink(missing_ok=True)
+                continue
+            except (ValueError, PermissionError):
+                pass
+            out.add(name)
+        return out
+
+    def _index_bytes(self) -> int:
+        return sum(self._resident(".idx").values())
+
+    def _evict(self, name: str) -> bool:
+        """Delete a cached tar unless a reader of this node has pinned it (Feeder: a shared flock on its .pin)."""
+        with open(self.dir / f".{name}.pin", "a") as pin:
+            try:
+                fcntl.flock(pin, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            (self.dir / name).unlink(missing_ok=True)
         return True
 
-    def stage(self) -> Path:
-        """A complete local shard folder for the loaders: every index and tar fetched (in parallel),
-        a manifest naming the local copies; tars of older versions in the cache are removed."""
+    def fits(self) -> bool:
+        """Every tar and index of the data set fits data.cache_limit (then `stage` copies it whole)."""
+        return not self.limit or sum(s["bytes"] or 0 for s in self.shards().values()) <= self.limit
+
+    def window_bytes(self) -> int:
+        """The bytes of tars per window of common.windowed_order: half of what the limit leaves beside the
+        index files, so the next window is fetched while this one is read."""
+        idx = sum(s["bytes"] or 0 for n, s in self.shards().items() if n.endswith(".idx"))
+        return max(1, (self.limit - idx) // 2)
+
+    def stage(self, tars: bool = True) -> Path:
+        """A local shard folder for the loaders: every index and (`tars`) every tar fetched (in parallel),
+        a manifest naming the local copies; tars of older versions in the cache are removed. Without `tars`
+        the tars are fetched as they are read (Feeder), for a data set larger than the limit."""
         m, specs = self.manifest(), self.shards()
-        total = sum(s["bytes"] or 0 for s in specs.values())
-        if self.limit and total > self.limit:
+        if tars and not self.fits():
+            total = sum(s["bytes"] or 0 for s in specs.values())
             raise ManifestError(f"{self.url} holds {total / 2**30:.1f} GiB of shards but data.cache_limit is "
-                                f"{self.limit / 2**30:.1f} GiB: both loaders shuffle every epoch across all shards, "
-                                "so the cache must hold the whole data set. Raise data.cache_limit (or 0 for no "
-                                "limit), or point data.cache_dir at a larger disk")
+                                f"{self.limit / 2**30:.1f} GiB: stage() copies the whole data set. Stream it "
+                                "instead (pipeline.remote.open_remote), or raise data.cache_limit")
         self.dir.mkdir(parents=True, exist_ok=True)
         for old in self.dir.glob("*.tar"):
             if old.name not in specs:
                 old.unlink()
                 old.with_name(f"{old.name[:-4]}.idx").unlink(missing_ok=True)
+        if not tars:
+            specs = {n: spec for n, spec in specs.items() if n.endswith(".idx")}
         missing = [n for n, spec in specs.items()
                    if not ((self.dir / n).is_file() and spec["bytes"] in (None, (self.dir / n).stat().st_size))]
         from tqdm import tqdm
@@ -250,8 +308,180 @@ class ShardCache:
         return self.dir
 
 
-def stage(cfg) -> str:
-    """`cfg.path` when local; for a URL, the local copy made by ShardCache.stage (cfg: DataConfig)."""
+class Feeder:
+    """Keeps the tars a reader's batches need in the cache ahead of it: a thread of the trainer's process (one
+    per loader iteration), so DataLoader workers only ever open local, verified files.
+
+    `needs[k]`: the local tar names batch k of this iteration reads. `ready(k)` is called once batches [0, k)
+    have every tar in the cache (`ready(-1)`: failed, the exception is in `error`); the reader sets `consumed`
+    to the number of batches it has received. Tars of batches [consumed, scheduled] are kept (never evicted)
+    and pinned (a shared flock on `.<name>.pin`, so other ranks of this node sharing the cache do not evict
+    them either); fetching runs ahead until the limit leaves no room, evicting by `victims` (first tars not
+    needed again this epoch, most recently used first; then the one needed farthest ahead). `check(name)` runs
+    once per tar that arrives (the loader's proof that index and tar agree)."""
+
+    def __init__(self, cache: ShardCache, needs: list[list[str]], ready, check=None):
+        self.cache, self.needs, self._ready, self._check = cache, needs, ready, check or (lambda name: None)
+        self.consumed = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._pins: dict[str, object] = {}
+        when: dict[str, list[int]] = {}
+        for k, names in enumerate(needs):
+            for n in names:
+                when.setdefault(n, []).append(k)
+        self._when = when
+        self._held, self._span = collections.Counter(), [0, 0]  # tars of batches [span[0], span[1]), counted
+        self._thread = threading.Thread(target=self._run, name="imt-shard-feeder", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._pin(set())
+
+    def _run(self) -> None:
+        try:
+            self._feed()
+        except BaseException as e:  # noqa: BLE001 - handed to the reader, which raises it
+            self.error = e
+            self._ready(-1)
+
+    def _next_use(self, name: str, now: int) -> int | None:
+        import bisect
+
+        ks = self._when.get(name, [])
+        i = bisect.bisect_left(ks, now)
+        return ks[i] if i < len(ks) else None
+
+    def _keep(self, lo: int, hi: int) -> set[str]:
+        """The tars of batches [lo, hi), kept up to date as both ends move forward (recounting them at every
+        batch would cost a window's batches times their tars, per batch)."""
+        held, span = self._held, self._span
+        for k in range(span[1], hi):
+            held.update(self.needs[k])
+        for k in range(span[0], lo):
+            held.subtract(self.needs[k])
+        span[:] = lo, max(hi, span[1])
+        return {n for n, c in held.items() if c > 0}
+
+    def _pin(self, names: set) -> None:
+        for n in [n for n in self._pins if n not in names]:
+            self._pins.pop(n).close()  # closing the file releases its flock
+        for n in names - self._pins.keys():
+            f = open(self.cache.dir / f".{n}.pin", "a")
+            fcntl.flock(f, fcntl.LOCK_SH)
+            self._pins[n] = f
+
+    def _feed(self) -> None:
+        self.cache.dir.mkdir(parents=True, exist_ok=True)
+        pending: dict = {}  # tar -> its download (a future of cache.fetch)
+        pool = ThreadPoolExecutor(self.cache.workers)
+        try:
+            self._loop(pool, pending, self.cache.shards())
+        finally:
+            pool.shutdown(wait=True)  # downloads under way end (each leaves a whole tar or nothing)
+            for n in pending:
+                self.cache._unwant(n)
+
+    def _loop(self, pool, pending: dict, specs: dict) -> None:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        cache, needs = self.cache, self.needs
+        ready = scheduled = 0  # batches [0, ready) are in the cache; [0, scheduled) are fetched or on their way
+        while ready < len(needs) and not self._stop.is_set():
+            progressed = False
+            while scheduled < len(needs) and len(pending) < cache.workers:
+                now = min(self.consumed, ready)
+                keep = self._keep(now, scheduled + 1)
+                self._pin(keep)  # before looking: a tar seen here stays until this reader moves on
+                new = [n for n in needs[scheduled] if n not in pending and not (cache.dir / n).is_file()]
+                resident = sorted((n for n in cache._resident() if self._next_use(n, now) is not None),
+                                  key=lambda n: self._next_use(n, now))
+                room = True
+                for n in new:
+                    room = cache._make_room(specs[n]["bytes"] or 0, [n] + resident, pending, specs,
+                                            keep=keep | set(pending), reserve=n)
+                    if not room:
+                        break
+                    pending[n] = pool.submit(cache.fetch, n)
+                if not room:
+                    if not pending and ready == scheduled == self.consumed:
+                        self._too_big(needs[scheduled], specs)
+                    break  # no room yet: retried once the reader has moved on
+                scheduled += 1
+                progressed = True
+            for n in [n for n, f in pending.items() if f.done()]:
+                cache._unwant(n)
+                pending.pop(n).result()  # raises what the fetch raised (after its retries)
+                self._check(n)
+            while ready < scheduled and not any(n in pending for n in needs[ready]):
+                for n in needs[ready]:
+                    cache._used(n)  # the order of use that `victims` evicts by
+                ready += 1
+                self._ready(ready)
+                progressed = True
+            if not progressed:
+                if pending:
+                    wait(list(pending.values()), timeout=0.05, return_when=FIRST_COMPLETED)
+                else:
+                    time.sleep(0.005)  # waiting for the reader (or another rank) to free room
+
+    def _too_big(self, names: list[str], specs: dict) -> None:
+        need = sum(specs[n]["bytes"] or 0 for n in names) + self.cache._index_bytes()
+        if need > self.cache.limit:
+            raise ManifestError(f"one batch reads {len(names)} shards ({need / 2**30:.2f} GiB with the index files), "
+                                f"more than data.cache_limit ({self.cache.limit / 2**30:.2f} GiB): raise it, or "
+                                "make smaller shards (imt-make-shards --shard-bytes)")
+
+
+class Stream:
+    """One split of a data set larger than the cache, as both loaders read it: the windows its epochs are cut
+    into (`windows`: the arguments of common.windowed_order before `world` and `seed`) and a Feeder per
+    iteration, which checks each tar as it arrives (common.check_shard_pair: the index describes the tar)."""
+
+    def __init__(self, cache: ShardCache, split, manifest):
+        import numpy as np
+
+        self.cache, self.split, self.manifest = cache, split, manifest
+        self.names = [Path(s.tar).name for s in split.shards]
+        sizes = [cache.shards()[n]["bytes"] or 0 for n in self.names]
+        counts = [s.num_samples for s in split.shards]
+        self.windows = (counts, sizes, cache.window_bytes())
+        self._ends = np.cumsum(counts)  # sample i lies in shard searchsorted(ends, i, "right")
+        self._checked: set[str] = set()
+
+    def shard_of(self, samples) -> list[int]:
+        import numpy as np
+
+        return np.searchsorted(self._ends, np.asarray(samples, dtype=np.int64), side="right").tolist()
+
+    def feeder(self, plan: list[list[int]], ready) -> Feeder:
+        """A started Feeder for the batches `plan` (sample indices) of one iteration."""
+        needs = [sorted({self.names[s] for s in self.shard_of(batch)}) for batch in plan]
+        return Feeder(self.cache, needs, ready, check=self._check)
+
+    def _check(self, name: str) -> None:
+        if name not in self._checked:  # once per tar and process
+            from .common import check_shard_pair
+
+            shard = self.split.shards[self.names.index(name)]
+            check_shard_pair(shard, self.split.name, self.manifest.root, self.manifest.label_ext)
+            self._checked.add(name)
+
+
+def open_remote(cfg) -> tuple[str, ShardCache | None]:
+    """(local shard folder, None) for a local `cfg.path` or a remote data set that fits data.cache_limit (staged
+    whole); (folder of its manifest and indexes, the cache to stream its tars through) for a larger one. One
+    cache per data set in a process, so its training and validation loaders share what it has seen."""
     if not is_remote(cfg.path):
-        return cfg.path
-    return str(ShardCache(cfg.path, cfg.cache_dir, cfg.cache_limit, workers=max(1, min(8, cfg.workers))).stage())
+        return cfg.path, None
+    cache = _cache(cfg.path, cfg.cache_dir, cfg.cache_limit, max(1, min(8, cfg.workers)))
+    if cache.fits():
+        return str(cache.stage()), None
+    return str(cache.stage(tars=False)), cache
+
+
+@functools.lru_cache(maxsize=None)
+def _cache(url: str, cache_dir: str, limit_gib: float, workers: int) -> ShardCache:
+    return ShardCache(url, cache_dir, limit_gib, workers=workers)

@@ -24,12 +24,16 @@ Augmentations are seeded per (seed, epoch, rank, batch), so the output does not 
 number of workers. Resume (`state_dict` / `load_state_dict`): the plan is a function of (seed, epoch),
 so a resumed epoch starts at its next batch by index, reading none of the skipped ones; after a change
 of ranks or batch size, common.epoch_plan splits the samples no rank had reached among the new ranks.
-Epoch, resolution and the resume point live in shared memory, so `set_epoch`, `set_resolution` and
+Shards on object storage larger than data.cache_limit: the order is common.windowed_order's, and a
+remote.Feeder thread in the trainer's process fetches the tars of the batches ahead; a worker waits until its
+batch's tars are in the cache (`ready`) and closes them after the batch (an evicted tar held open would keep
+its disk space). Epoch, resolution and the resume point live in shared memory, so `set_epoch`, `set_resolution` and
 `load_state_dict` reach persistent workers without restarting them.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -39,8 +43,8 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
 from .augment import torch_transforms
-from .common import (Position, epoch_plan, label_outside, load_split, normalise, num_batches,
-                     read_label, torch_dtype)
+from .common import (Position, epoch_plan, first_world, label_outside, load_split, normalise, num_batches,
+                     read_label, torch_dtype, windowed_order)
 from .config import DataConfig
 from .manifest import MANIFEST_NAME, ManifestError, read_index
 from .orphans import exit_with_parent
@@ -99,6 +103,13 @@ class ShardSource:
             raise RuntimeError(f"sample {key} in {self.tars[si]} does not decode ({e}); run "
                                f"`imt-verify-shards {Path(self.tars[si]).parent}` and remake the "
                                "shards with `imt-make-shards`") from e
+
+    def close(self) -> None:
+        """Close the tars this process has open (a streamed tar may be evicted: an open one would keep its
+        disk space in use)."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def __getstate__(self):  # open files stay behind; each worker opens its own
         return {**self.__dict__, "_files": {}}
@@ -222,18 +233,41 @@ class _Batches(IterableDataset):
         self.resolution = mp.Value("q", cfg.resolution if train else cfg.val_resolution, lock=False)
         self.start = mp.Value("q", 0, lock=False)
         self.segments = mp.Array("q", 1 + 3 * MAX_SEGMENTS, lock=False)  # count, then (world, batch, done)...
+        # Streamed from object storage (ShardLoader with a cache): (samples per shard, bytes per shard, window
+        # bytes) for common.windowed_order; `ready` counts the batches of this iteration whose tars the Feeder
+        # has in the cache (-1: it failed), `gen` changes when an iteration starts or is left.
+        self.windows: tuple | None = None
+        self.ready = mp.Value("q", 0, lock=False)
+        self.gen = mp.Value("q", 0, lock=False)
 
-    def order(self, epoch: int) -> list[int]:
-        """The epoch's sample order, the same on every rank: a function of (seed, epoch) for training."""
+    def order(self, epoch: int, world: int) -> list[int]:
+        """The epoch's sample order, the same on every rank: a function of (seed, epoch) for training. Streamed
+        data: windows of shards (common.windowed_order), dealt to the `world` ranks that began the epoch."""
         n = len(self.source)
-        if not self.train:
+        seed = _seed(self.cfg.seed, epoch) if self.train else None
+        if self.windows is not None:
+            return windowed_order(*self.windows, world, seed)[0]
+        if seed is None:
             return list(range(n))
-        g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch))
-        return torch.randperm(n, generator=g).tolist()
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
     def plan(self, epoch: int, segments=()) -> list[list[int]]:
-        return epoch_plan(self.order(epoch), self.world, self.rank, self.cfg.batch_size,
-                          self.train and self.cfg.drop_last, segments)
+        return epoch_plan(self.order(epoch, first_world(segments, self.world)), self.world, self.rank,
+                          self.cfg.batch_size, self.train and self.cfg.drop_last, segments)
+
+    def _wait(self, k: int, gen: int) -> bool:
+        """Streamed data: wait until the Feeder has the tars of this iteration's batch k in the cache; False
+        when the iteration was left meanwhile (its reader stopped: this worker's part ends)."""
+        while True:
+            ready = self.ready.value
+            if self.gen.value != gen:
+                return False
+            if ready > k:
+                return True
+            if ready < 0:
+                raise RuntimeError("the trainer's process could not fetch the shards of this batch: its error "
+                                   "follows")
+            time.sleep(0.002)
 
     def set_start(self, segments: list, start: int) -> None:
         if len(segments) > MAX_SEGMENTS:
@@ -246,7 +280,7 @@ class _Batches(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        epoch, px, start = self.epoch.value, self.resolution.value, self.start.value
+        epoch, px, start, gen = self.epoch.value, self.resolution.value, self.start.value, self.gen.value
         count = self.segments[0]
         segments = [tuple(self.segments[1 + 3 * i: 4 + 3 * i]) for i in range(count)]
         tf = _transform(self.train, px, self.cfg)
@@ -257,6 +291,8 @@ class _Batches(IterableDataset):
         for b in range(start, len(plan)):
             if (b - start) % nw != wid:
                 continue
+            if self.windows is not None and not self._wait(b - start, gen):
+                return
             idx = plan[b]
             # The transforms draw from torch's global RNG. With workers=0 they run in the training process:
             # fork it, or seeding each batch would reset the trainer's RNG (and what its checkpoints save).
@@ -268,6 +304,8 @@ class _Batches(IterableDataset):
                                   self.source.read(i))
                     images.append(tf(img) if tf is not None else img)
                     labels.append(label)
+            if self.windows is not None:
+                self.source.close()
             images = torch.stack(images)
             if self.normalise_to is not None:
                 images = normalise(images, self.normalise_to)
@@ -295,8 +333,10 @@ MAX_SEGMENTS = 16  # resumes of one epoch on another number of ranks or batch si
 class _TorchLoader:
     kind = "torch"
 
-    def __init__(self, source, classes, cfg: DataConfig, dist, *, train: bool, keys: bool = False):
+    def __init__(self, source, classes, cfg: DataConfig, dist, *, train: bool, keys: bool = False,
+                 feed=None):
         self.cfg, self.train = cfg, train
+        self.feed = feed  # streamed data: a remote.Stream (windows, and a Feeder per iteration)
         self.device, self.dtype = torch.device(dist.device), torch_dtype(cfg.dtype)
         self.classes = tuple(classes)
         n, w, b = len(source), dist.world_size, cfg.batch_size
@@ -307,6 +347,8 @@ class _TorchLoader:
         on_cpu = self.device.type == "cpu"
         self.dataset = _Batches(source, cfg, train=train, rank=dist.rank, world=w,
                                 normalise_to=self.dtype if on_cpu else None, keys=keys)
+        if feed is not None:
+            self.dataset.windows = feed.windows
         self.num_samples = sum(len(x) for x in self.dataset.plan(0))
         self.pos = Position(self.kind, world=w, rank=dist.rank, batch=b, drop_last=train and cfg.drop_last,
                             seed=cfg.seed, samples=n)
@@ -358,22 +400,43 @@ class _TorchLoader:
         self.dataset.set_start(segments, start)  # read by every worker when this iteration starts
         if start >= self.pos.end:
             return
-        for batch in self.loader:
-            images, labels = batch[0], batch[1]
-            if self.device.type != "cpu":
-                images = normalise(images.to(self.device, non_blocking=True), self.dtype)
-                labels = labels.to(self.device, non_blocking=True)
-            self.pos.step()
-            yield (images, labels) + tuple(batch[2:])
+        feeder = None
+        if self.feed is not None:  # fetches the tars of the batches ahead (pipeline/remote.py)
+            self.dataset.gen.value += 1
+            self.dataset.ready.value = 0
+            feeder = self.feed.feeder(self.dataset.plan(self.pos.epoch, segments)[start:],
+                                      lambda k: setattr(self.dataset.ready, "value", k))
+        try:
+            for batch in self.loader:
+                images, labels = batch[0], batch[1]
+                if self.device.type != "cpu":
+                    images = normalise(images.to(self.device, non_blocking=True), self.dtype)
+                    labels = labels.to(self.device, non_blocking=True)
+                self.pos.step()
+                if feeder is not None:
+                    feeder.consumed += 1
+                yield (images, labels) + tuple(batch[2:])
+        except Exception as e:
+            if feeder is not None and feeder.error is not None:
+                raise feeder.error from e
+            raise
+        finally:
+            if feeder is not None:
+                self.dataset.gen.value += 1  # workers waiting for a batch of this iteration end it
+                feeder.close()
 
 
 class ShardLoader(_TorchLoader):
     """loader="torch": the shards of cfg.path (manifest.json), read by the DataLoader workers."""
 
-    def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False):
-        manifest, sp = load_split(cfg.path, split)
-        super().__init__(ShardSource(sp, manifest.num_classes, manifest.label_ext), manifest.classes, cfg, dist,
-                         train=train, keys=keys)
+    def __init__(self, cfg: DataConfig, split: str, dist, *, train: bool, keys: bool = False, cache=None):
+        manifest, sp = load_split(cfg.path, split, check_tars=cache is None)
+        source = ShardSource(sp, manifest.num_classes, manifest.label_ext)
+        feed = None
+        if cache is not None:
+            from .remote import Stream
+            feed = Stream(cache, sp, manifest)
+        super().__init__(source, manifest.classes, cfg, dist, train=train, keys=keys, feed=feed)
 
 
 class FolderLoader(_TorchLoader):

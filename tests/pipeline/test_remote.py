@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import random
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from imt.pipeline import remote
 from imt.pipeline.manifest import ManifestError, load_manifest
-from imt.pipeline.remote import ShardCache, is_remote, victims
+from imt.pipeline.remote import Feeder, ShardCache, is_remote, victims
 
 pytest.importorskip("fsspec")
 
@@ -113,7 +114,7 @@ def test_http_shards_are_cached_verified_and_retried(http_shards, tmp_path, monk
     again = ShardCache(url, tmp_path / "cache")
     again.stage()
     assert again.fetches == 0  # cached: nothing fetched twice
-    with pytest.raises(ManifestError, match="cache must hold the whole data set"):
+    with pytest.raises(ManifestError, match="stage.. copies the whole data set"):
         ShardCache(url, tmp_path / "small", limit_gib=1e-6).stage()
 
 
@@ -129,16 +130,31 @@ def test_loaders_read_a_url_through_the_cache(http_shards, tmp_path):
     assert sum(len(labels) for _, labels in loader) == 32
 
 
-def test_stream_stays_within_the_limit_and_refetches_less_than_everything(http_shards, tmp_path, monkeypatch):
+def _read_in_order(cache: ShardCache, order: list[str]):
+    """The local path of each tar of `order`, read one at a time through a Feeder (one tar per batch)."""
+    ready = [0]
+    feeder = Feeder(cache, [[n] for n in order], lambda k: ready.__setitem__(0, k))
+    try:
+        for i, name in enumerate(order):
+            while ready[0] <= i:
+                assert ready[0] >= 0, feeder.error
+                time.sleep(0.001)
+            yield cache.dir / name
+            feeder.consumed = i + 1
+    finally:
+        feeder.close()
+
+
+def test_feeder_stays_within_the_limit_and_refetches_less_than_everything(http_shards, tmp_path, monkeypatch):
     monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
     url, src = http_shards
     probe = ShardCache(url, tmp_path / "c")
     tars = sorted(n for n in probe.shards() if n.endswith(".tar"))
     sizes = {n: probe.shards()[n]["bytes"] for n in tars}
     limit = (sum(sizes.values()) // 2 + max(sizes.values())) / 2**30
-    cache = ShardCache(url, tmp_path / "c", limit_gib=limit, prefetch=1)
+    cache = ShardCache(url, tmp_path / "c", limit_gib=limit)
     for _ in range(3):  # three epochs in the same order
-        for path in cache.stream(tars):
+        for path in _read_in_order(cache, tars):
             assert path.is_file()
             assert sum(p.stat().st_size for p in path.parent.glob("*.tar")) <= cache.limit
     assert len(tars) < cache.fetches < 3 * len(tars)

@@ -1,0 +1,268 @@
+"""A data set on a web server ~3x larger than data.cache_limit, trained through the cache (pipeline/remote.py's
+Feeder, common.windowed_order): every sample once per epoch, the cache folder within its limit throughout, the
+second epoch fetching less than everything, resume mid-epoch exact; with the torch and the DALI loader."""
+from __future__ import annotations
+
+import collections
+import http.server
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from imt.pipeline import remote
+from imt.pipeline.common import rank_batches, windowed_order
+from imt.pipeline.config import DataConfig
+from imt.train.dist import DistInfo
+from tests.pipeline.test_remote import _FlakyHandler
+
+pytest.importorskip("fsspec")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("seed", [None, 5])
+def test_windowed_order_reads_windows_in_turn_on_every_rank(world, seed):
+    counts, sizes = [10, 7, 12, 5, 9, 11, 8], [100, 70, 120, 50, 90, 110, 80]
+    order, windows = windowed_order(counts, sizes, 200, world, seed)
+    assert sorted(order) == list(range(sum(counts)))
+    assert sorted(s for w in windows for s in w) == list(range(len(counts)))
+    assert all(sum(sizes[s] for s in w) <= 200 for w in windows)
+    if seed is None and world == 1:
+        assert order == list(range(sum(counts)))  # validation: the stored order
+    first = [0] + [sum(counts[:s + 1]) for s in range(len(counts))]
+    window_of = {i: k for k, w in enumerate(windows) for s in w for i in range(first[s], first[s + 1])}
+    per_rank = [[window_of[i] for b in rank_batches(order, world, r, 4, False) for i in b] for r in range(world)]
+    for seq in per_rank:
+        assert seq == sorted(seq)  # each rank reads window after window
+    for pos in range(min(map(len, per_rank))):  # and all ranks the same window at the same time
+        assert max(seq[pos] for seq in per_rank) - min(seq[pos] for seq in per_rank) <= 1
+    again, _ = windowed_order(counts, sizes, 200, world, seed)
+    assert again == order
+
+
+@pytest.fixture(scope="module")
+def many_shards(synthetic_root, tmp_path_factory) -> Path:
+    """The synthetic set cut into 12 train and 4 val shards of 8 samples."""
+    from imt.tools.make_shards import make_shards
+
+    out = tmp_path_factory.mktemp("served") / "shards"
+    make_shards(synthetic_root, out, shard_samples=8, workers=1, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture()
+def served(many_shards, monkeypatch):
+    pytest.importorskip("aiohttp")
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+    _FlakyHandler.dropped, _FlakyHandler.requests = set(), []  # each tar's first GET is cut off mid-transfer
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             partial(_FlakyHandler, directory=str(many_shards.parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{many_shards.name}"
+    server.shutdown()
+    server.server_close()
+
+
+def _limit_gib(url: str, tmp_path: Path, share: float = 1 / 3) -> float:
+    """`share` of the data set's tars and indexes (in GiB)."""
+    specs = remote.ShardCache(url, tmp_path / "probe").shards()
+    return sum(s["bytes"] for s in specs.values()) * share / 2**30
+
+
+def _cache_bytes(folder: Path) -> int:
+    """What the cache folder holds: tars, indexes and downloads under way."""
+    total = 0
+    for p in folder.iterdir():
+        if p.suffix in (".tar", ".idx") or ".part" in p.name:
+            try:
+                total += p.stat().st_size
+            except FileNotFoundError:  # evicted, or renamed into place, meanwhile
+                pass
+    return total
+
+
+def _loader(url, tmp_path, kind, workers=1, split="train", share=1 / 3):
+    cfg = DataConfig(path=url, loader=kind, batch_size=7, resolution=32, val_resolution=32, workers=workers,
+                     dtype="float32", dali_device="cpu", shuffle_buffer=16, seed=3,
+                     cache_dir=str(tmp_path / "cache"), cache_limit=_limit_gib(url, tmp_path, share))
+    path, cache = remote.open_remote(cfg)
+    assert cache is not None, "the data set fits the limit: nothing is streamed"
+    cfg = DataConfig(**{**cfg.__dict__, "path": path})
+    if kind == "dali":
+        from imt.pipeline.dali import DaliLoader as cls
+    else:
+        from imt.pipeline.torch_baseline import ShardLoader as cls
+    return cls(cfg, split, DistInfo(), train=split == "train", keys=True, cache=cache), cache
+
+
+KINDS = [pytest.param(("torch", 0), id="torch-0"),
+         pytest.param(("torch", 2), id="torch-2", marks=pytest.mark.slow),  # ~26 s on 2 loaded cores
+         pytest.param(("dali", 1), id="dali", marks=pytest.mark.skipif(
+             __import__("importlib").util.find_spec("nvidia.dali") is None, reason="nvidia-dali not installed"))]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_data_set_three_times_the_cache_trains_two_epochs(served, tmp_path, kind):
+    remote._cache.cache_clear()
+    loader, cache = _loader(served, tmp_path, *kind)
+    tars = [n for n in cache.shards() if n.endswith(".tar") and "-train-" in n]
+    fetched, biggest = [], 0
+    for epoch in range(2):
+        before = cache.fetches
+        loader.set_epoch(epoch)
+        keys = []
+        for batch in loader:
+            keys += batch[2]
+            biggest = max(biggest, _cache_bytes(cache.dir))
+        assert len(keys) == 96 and len(set(keys)) == 96  # every sample once
+        fetched.append(cache.fetches - before)
+    assert 0 < biggest <= cache.limit
+    assert fetched[0] == len(tars)  # each train tar once: a window's tars are read together
+    assert fetched[1] < len(tars), fetched  # part of the data stayed in the cache
+    tar_requests = [r for r in _FlakyHandler.requests if r.endswith(".tar")]
+    assert len(tar_requests) == sum(fetched) + len(_FlakyHandler.dropped)  # each cut transfer retried once
+    assert not list(cache.dir.glob(".*.part*"))
+    val, _ = _loader(served, tmp_path, *kind, split="val")
+    assert sorted(k for b in val for k in b[2]) == [f"val_{i:08d}" for i in range(32)]
+
+
+@pytest.mark.parametrize("kind", [pytest.param(("torch", 1), id="torch-1")] + KINDS[2:])
+def test_resume_mid_epoch_of_a_streamed_data_set_is_exact(served, tmp_path, kind):
+    """Stopped after 4 batches of epoch 2 (inside its second window: DALI's group of batches 3-4 is rebuilt and
+    its first batch dropped), a new loader given the state yields exactly the uninterrupted run's keys and
+    labels, and pixels (both loaders are deterministic on the CPU)."""
+    remote._cache.cache_clear()
+    whole, _ = _loader(served, tmp_path, *kind)
+    whole.set_epoch(1)
+    expected = [(b[2], b[1], b[0]) for b in whole]
+    first, _ = _loader(served, tmp_path, *kind)
+    first.set_epoch(1)
+    it = iter(first)
+    head = [(b[2], b[1], b[0]) for _, b in zip(range(4), it)]
+    del it
+    state = first.state_dict()
+    remote._cache.cache_clear()
+    second, _ = _loader(served, tmp_path, *kind)
+    assert "continues at batch 5" in second.load_state_dict(state)
+    second.set_epoch(1)
+    assert second.position() == (4, len(second) - 4)
+    got = head + [(b[2], b[1], b[0]) for b in second]
+    assert [k for b in got for k in b[0]] == [k for b in expected for k in b[0]]
+    for (_, labels, images), (_, labels2, images2) in zip(got, expected):
+        assert torch.equal(labels, labels2) and torch.equal(images, images2)
+
+
+def test_a_shard_that_cannot_be_fetched_stops_the_epoch_with_the_reason(served, many_shards, tmp_path):
+    remote._cache.cache_clear()
+    loader, cache = _loader(served, tmp_path, "torch", 1)
+    gone = many_shards / "train-000005.tar"
+    hidden = gone.with_name("hidden.tar")
+    gone.rename(hidden)
+    try:
+        with pytest.raises(FileNotFoundError):
+            for _ in loader:
+                pass
+    finally:
+        hidden.rename(gone)
+    assert collections.Counter(p.suffix for p in cache.dir.glob("*-train-*"))[".tar"] <= 12
+
+
+def test_two_ranks_share_the_cache_and_read_the_same_window(served, tmp_path):
+    """Two ranks of one node (threads here), each with its own ShardCache on the same folder: together every
+    sample once, equal batch counts, the folder within its limit, and no rank evicting a tar the other still
+    reads (pins)."""
+    from imt.pipeline.torch_baseline import ShardLoader
+
+    remote._cache.cache_clear()
+    loader, cache = _loader(served, tmp_path, "torch", 0)
+    ranks = [ShardLoader(loader.cfg, "train", DistInfo(rank=r, world_size=2), train=True, keys=True,
+                         cache=remote.ShardCache(served, cache.dir.parent, cache.limit / 2**30, workers=2))
+             for r in range(2)]
+    keys, biggest, errors = [[], []], [0], []
+
+    def run(r):
+        try:
+            for epoch in range(2):
+                ranks[r].set_epoch(epoch)
+                for batch in ranks[r]:
+                    keys[r].append(list(batch[2]))
+                    biggest[0] = max(biggest[0], _cache_bytes(cache.dir))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    assert len(keys[0]) == len(keys[1]) == 2 * len(ranks[0])
+    for epoch in range(2):
+        seen = [k for r in range(2) for b in keys[r][epoch * len(ranks[0]):(epoch + 1) * len(ranks[0])] for k in b]
+        assert sorted(seen) == sorted(set(seen)) and len(seen) == 96
+    assert biggest[0] <= cache.limit
+
+
+@pytest.mark.parametrize("kind", [pytest.param(("torch", 0), id="torch-0")] + KINDS[2:])
+def test_a_streamed_epoch_resumes_on_another_number_of_ranks(served, tmp_path, kind):
+    """Two ranks stopped after 2 batches of epoch 2; resumed on one rank, the rest of the epoch is trained once."""
+    from imt.pipeline.common import combine_states
+
+    remote._cache.cache_clear()
+    base, cache = _loader(served, tmp_path, *kind)
+    cls = type(base)
+    trained, states = [], []
+    for r in range(2):
+        lo = cls(base.cfg, "train", DistInfo(rank=r, world_size=2), train=True, keys=True, cache=cache)
+        lo.set_epoch(1)
+        it = iter(lo)
+        trained += [k for _, b in zip(range(2), it) for k in b[2]]
+        del it
+        states.append(lo.state_dict())
+    one = cls(base.cfg, "train", DistInfo(), train=True, keys=True, cache=cache)
+    assert "continues on 1 rank(s)" in one.load_state_dict(combine_states(states, 1, 0))
+    one.set_epoch(1)
+    rest = [k for b in one for k in b[2]]
+    seen = collections.Counter(trained + rest)
+    assert len(seen) == 96 and set(seen.values()) == {1}
+
+
+def test_a_streamed_data_set_on_s3_through_moto(many_shards, tmp_path, monkeypatch):
+    """The same through s3fs against moto's S3 server: an epoch reads every sample once within the limit."""
+    s3fs = pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem per arguments, not per endpoint
+        host, port = server.get_host_and_port()
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+            monkeypatch.setenv(k, v)
+        s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
+        s3.create_bucket(Bucket="data")
+        for p in many_shards.iterdir():
+            s3.upload_file(str(p), "data", f"shards/{p.name}")
+        remote._cache.cache_clear()
+        loader, cache = _loader("s3://data/shards", tmp_path, "torch", 0)
+        keys, biggest = [], 0
+        for batch in loader:
+            keys += batch[2]
+            biggest = max(biggest, _cache_bytes(cache.dir))
+        assert sorted(keys) == [f"train_{i:08d}" for i in range(96)]
+        assert 0 < biggest <= cache.limit
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # else the next test's s3:// reaches this stopped server
+        server.stop()
+
+
+def test_a_cache_smaller_than_one_batch_is_refused_with_what_to_do(served, tmp_path):
+    from imt.pipeline.manifest import ManifestError
+
+    remote._cache.cache_clear()
+    loader, _ = _loader(served, tmp_path, "torch", 0, share=1 / 24)  # less than the tars one batch reads
+    with pytest.raises(ManifestError, match="more than data.cache_limit .* raise it"):
+        next(iter(loader))
