@@ -1,10 +1,16 @@
 """Writes the embedded default dataset: procedurally drawn, learnable JPEG classes in the
 ImageNet folder layout (<out>/train/<class>/*.JPEG, <out>/val/<class>/*.JPEG).
 
-Each class is a kind of *pattern* (shape family or texture), drawn in random colours, sizes,
-positions and counts on random backgrounds, so a ResNet must learn shape and texture rather
-than a single colour. Sizes follow ImageNet's (mostly 500x375 / 375x500, some others), JPEG
-quality 90. The output is a pure function of (seed, counts): the same call writes the same bytes.
+Each class is a periodic *texture* (stripes in three orientations, checkers, a dot grid, concentric
+rings, a line grid, zigzags) drawn over most of the picture in a random colour, period, phase, line
+width, tilt and contrast on a random background (flat, gradient or blurred clutter), so neither colour
+nor position says anything: the class is the structure, which a small CNN picks up in a few hundred
+updates. Textures rather than shapes, because the shape classes the dataset first had (circles, squares,
+triangles, crosses) stayed near chance after the demo's 200 updates while the texture classes were learned
+within a few epochs (benchmarks/RESULTS.md, "Demo recipe"). No two classes are mirror images of each other
+(training flips horizontally), and periods keep >= 5 px after the recipe's downscaling to 64 px.
+Sizes follow ImageNet's (mostly 500x375 / 375x500, some others), JPEG quality 90. The output is a pure
+function of (seed, counts): the same call writes the same bytes.
 
     python -m imt.tools.make_synthetic --out work/synthetic
 """
@@ -15,24 +21,30 @@ import random
 from pathlib import Path
 
 import click
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from imt.train.cli import CONTEXT
 
 # Class names sort in this order, so labels (sorted names, as ImageFolder assigns them) are 0..N-1.
 CLASSES = (
-    "c0_circles",
-    "c1_squares",
-    "c2_triangles",
-    "c3_stripes",
-    "c4_checkers",
+    "c0_hstripes",
+    "c1_vstripes",
+    "c2_diagonals",
+    "c3_checkers",
+    "c4_dots",
     "c5_rings",
-    "c6_crosses",
-    "c7_dots",
+    "c6_grid",
+    "c7_zigzags",
 )
 # ImageNet sizes: about 3/4 of images are 500x375 or 375x500; the rest vary.
 _SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (640, 480), (333, 500), (400, 300))
 _SIZE_WEIGHTS = (0.5, 0.2, 0.1, 0.06, 0.06, 0.04, 0.04)
+# Pattern period as a fraction of the shorter side: 0.10 x 375 px = 37 px, which the demo recipe's 64-px
+# crops (40-100% of a 500x375 picture) shrink to 5.5-8.7 px and its validation resize (shorter side to
+# 73 px) to 7.3 px. Periods from 0.08 and 60-100% opacity left more confused (RESULTS.md, "The demo learns").
+_PERIOD = (0.10, 0.20)
+_TILT = math.radians(10)  # the largest tilt of the axis-aligned classes; diagonals are 30-60 degrees off
 
 
 def _colour(rng: random.Random, avoid=None) -> tuple[int, int, int]:
@@ -63,62 +75,53 @@ def _background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
     return img
 
 
-def _poly(cx, cy, r, n, rot):
-    return [(cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n)) for k in range(n)]
+def _band(t: np.ndarray, duty: float) -> np.ndarray:
+    """True where the periodic coordinate `t` (in periods) lies in the first `duty` of its period."""
+    return (t - np.floor(t)) < duty
+
+
+def _mask(name: str, rng: random.Random, w: int, h: int) -> np.ndarray:
+    """The class's pattern as a boolean (h, w) array: where the pattern colour goes."""
+    period = rng.uniform(*_PERIOD) * min(w, h)
+    if name.endswith("diagonals"):
+        angle = rng.choice((1, -1)) * rng.uniform(math.radians(30), math.radians(60))
+    elif name.endswith("vstripes"):
+        angle = math.pi / 2 + rng.uniform(-_TILT, _TILT)
+    else:
+        angle = rng.uniform(-_TILT, _TILT)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    # u runs along the pattern's rows, v across them, both in periods, with a random phase
+    u = (x * math.cos(angle) + y * math.sin(angle)) / period + rng.random()
+    v = (-x * math.sin(angle) + y * math.cos(angle)) / period + rng.random()
+    if name.endswith(("hstripes", "vstripes", "diagonals")):
+        return _band(v, rng.uniform(0.35, 0.6))
+    if name.endswith("checkers"):
+        return (np.floor(u) + np.floor(v)) % 2 == 0
+    if name.endswith("dots"):
+        r = rng.uniform(0.2, 0.33)
+        return (u - np.round(u)) ** 2 + (v - np.round(v)) ** 2 < r * r
+    if name.endswith("rings"):
+        cx, cy = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
+        return _band(np.hypot(x - cx, y - cy) / period + rng.random(), rng.uniform(0.35, 0.6))
+    if name.endswith("grid"):
+        lw = rng.uniform(0.15, 0.3)
+        return _band(u, lw) | _band(v, lw)
+    # zigzags: rows displaced by a triangle wave along them, wavelength 1.5-3 periods, peak-to-peak 0.8-1.6
+    wavelength, amplitude = rng.uniform(1.5, 3.0), rng.uniform(0.8, 1.6)
+    tri = np.abs((u / wavelength) % 1.0 - 0.5) * 2 * amplitude
+    return _band(v + tri, rng.uniform(0.35, 0.55))
 
 
 def draw_sample(label: int, rng: random.Random) -> Image.Image:
     size = rng.choices(_SIZES, _SIZE_WEIGHTS)[0]
     w, h = size
     img = _background(rng, size)
-    bg_ref = img.getpixel((w // 2, h // 2))
-    d = ImageDraw.Draw(img)
-    fg = _colour(rng, avoid=bg_ref)
-    s = min(w, h)
-    name = CLASSES[label]
-    if name.endswith(("circles", "squares", "triangles", "rings", "crosses")):
-        for _ in range(rng.randint(1, 4)):
-            r = rng.uniform(0.08, 0.25) * s
-            cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
-            col = fg if rng.random() < 0.6 else _colour(rng, avoid=bg_ref)
-            rot = rng.uniform(0, 2 * math.pi)
-            if name.endswith("circles"):
-                d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
-            elif name.endswith("squares"):
-                d.polygon(_poly(cx, cy, r * 1.2, 4, rot), fill=col)
-            elif name.endswith("triangles"):
-                d.polygon(_poly(cx, cy, r * 1.2, 3, rot), fill=col)
-            elif name.endswith("rings"):
-                d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=col, width=max(3, int(r * 0.25)))
-            else:  # crosses
-                t = max(4, int(r * 0.35))
-                for a in (rot, rot + math.pi / 2):
-                    dx, dy = r * math.cos(a), r * math.sin(a)
-                    d.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=col, width=t)
-    elif name.endswith("stripes"):
-        period = rng.uniform(0.05, 0.15) * s
-        angle = rng.uniform(0, math.pi)
-        layer = Image.new("L", (2 * (w + h), 2 * (w + h)), 0)
-        ld = ImageDraw.Draw(layer)
-        x = 0.0
-        while x < layer.width:
-            ld.rectangle([x, 0, x + period / 2, layer.height], fill=255)
-            x += period
-        layer = layer.rotate(math.degrees(angle)).crop((w, h, 2 * w, 2 * h))
-        img.paste(Image.new("RGB", size, fg), (0, 0), layer)
-    elif name.endswith("checkers"):
-        cell = int(rng.uniform(0.06, 0.16) * s)
-        x0, y0 = rng.randrange(w // 3), rng.randrange(h // 3)
-        x1, y1 = rng.randrange(2 * w // 3, w), rng.randrange(2 * h // 3, h)
-        for yi, y in enumerate(range(y0, y1, cell)):
-            for xi, x in enumerate(range(x0, x1, cell)):
-                if (xi + yi) % 2 == 0:
-                    d.rectangle([x, y, x + cell - 1, y + cell - 1], fill=fg)
-    else:  # dots: many small dots scattered over the picture
-        r = rng.uniform(0.01, 0.03) * s
-        for _ in range(rng.randint(40, 120)):
-            cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    fg = _colour(rng, avoid=img.getpixel((w // 2, h // 2)))
+    # the pattern covers 75-100% of each side (so any crop of >= 40% of the area shows it), at 75-100% opacity
+    pw, ph = int(w * rng.uniform(0.75, 1.0)), int(h * rng.uniform(0.75, 1.0))
+    x0, y0 = rng.randint(0, w - pw), rng.randint(0, h - ph)
+    alpha = np.where(_mask(CLASSES[label], rng, pw, ph), round(255 * rng.uniform(0.75, 1.0)), 0).astype(np.uint8)
+    img.paste(Image.new("RGB", (pw, ph), fg), (x0, y0), Image.fromarray(alpha, "L"))
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2.0)))
     return img

@@ -1,11 +1,15 @@
 """tools/make_synthetic.py: a pure function of (seed, counts), in ImageNet's layout and sizes."""
 from __future__ import annotations
 
+import math
+import random
 from pathlib import Path
 
+import numpy as np
+import pytest
 from PIL import Image
 
-from imt.tools.make_synthetic import CLASSES, make_synthetic
+from imt.tools.make_synthetic import CLASSES, _mask, make_synthetic
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -37,3 +41,35 @@ def test_counts_extend_without_rewriting(tmp_path):
     make_synthetic(tmp_path, train_per_class=2, val_per_class=0, num_classes=2, seed=0)
     after = _files(tmp_path)
     assert len(after) == 4 and all(after[k] == v for k, v in first.items())
+
+
+def _dominant_frequency(mask: np.ndarray) -> tuple[float, float]:
+    """(period in pixels, angle of the frequency vector from the vertical axis in degrees, 0-90) of the
+    strongest non-constant component of a pattern mask."""
+    h, w = mask.shape
+    power = np.abs(np.fft.rfft2(mask - mask.mean())) ** 2
+    power[0, 0] = 0
+    fy, fx = np.unravel_index(np.argmax(power), power.shape)
+    fy = fy if fy <= h // 2 else fy - h  # rfft2: rows hold positive then negative frequencies
+    cy, cx = fy / h, fx / w  # cycles per pixel
+    return 1 / math.hypot(cx, cy), math.degrees(math.atan2(abs(cx), abs(cy)))
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_each_class_is_a_texture_the_demo_can_see(name):
+    """The demo crops 40-100% of a picture to 64 px: a 500x375 picture shrinks by 64 / 433 or more, and the
+    pattern's period must stay >= 3 px there. Training flips horizontally, so no class may be the mirror
+    image of another: stripes are horizontal, vertical (each within 10 degrees) or diagonal (either way,
+    30-60 degrees), which a flip maps onto themselves. (FFT bins of a 500x375 picture are ~5 degrees wide.)"""
+    w, h = 500, 375
+    for i in range(6):
+        mask = _mask(name, random.Random(f"test/{name}/{i}"), w, h)
+        assert 0.08 < mask.mean() < 0.75, "pattern and background both show"
+        period, angle = _dominant_frequency(mask.astype(np.float64))
+        assert period * 64 / math.sqrt(w * h) >= 3.0, (name, i, period)
+        if name.endswith("hstripes"):
+            assert angle <= 15, (i, angle)
+        elif name.endswith("vstripes"):
+            assert angle >= 75, (i, angle)
+        elif name.endswith("diagonals"):
+            assert 25 <= angle <= 65, (i, angle)
