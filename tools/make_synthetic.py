@@ -16,6 +16,7 @@ function of (seed, counts): the same call writes the same bytes.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -127,12 +128,39 @@ def draw_sample(label: int, rng: random.Random) -> Image.Image:
     return img
 
 
+# What a folder was drawn by: images are kept when their file exists, so a folder drawn by another version of
+# the drawing (the shape classes before 2026-12-02) or another seed/quality would silently mix with this one.
+DRAWING = "textures-1"
+STAMP = ".imt-synthetic.json"
+
+
+def _check_stamp(out: Path, seed: int, quality: int) -> None:
+    """Refuse a folder drawn differently (named in the message with what to do); stamp a new one."""
+    want = {"drawing": DRAWING, "seed": seed, "quality": quality}
+    stamp = out / STAMP
+    if stamp.is_file():
+        have = json.loads(stamp.read_text())
+        if have != want:
+            raise click.ClickException(f"{out} was drawn with {have}, not {want}: delete it and the shards made "
+                                       "from it (scripts/demo.sh: work/synthetic and work/shards), or give another --out")
+        return
+    foreign = sorted({p.name for split in ("train", "val") if (out / split).is_dir()
+                      for p in (out / split).iterdir()} - set(CLASSES))
+    if foreign:
+        raise click.ClickException(f"{out} holds class folders this version does not draw ({', '.join(foreign[:4])}): "
+                                   "an older make_synthetic made it; delete it and the shards made from it "
+                                   "(scripts/demo.sh: work/synthetic and work/shards), or give another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(want))
+
+
 def make_synthetic(out: str | Path, train_per_class: int = 100, val_per_class: int = 25,
                    num_classes: int = len(CLASSES), seed: int = 0, quality: int = 90) -> dict[str, int]:
     """Write the dataset and return {split: images written}. Existing identical files are kept."""
     if not 1 <= num_classes <= len(CLASSES):
         raise click.BadParameter(f"num_classes must be 1..{len(CLASSES)}")
     out = Path(out)
+    _check_stamp(out, seed, quality)
     counts = {}
     for split_no, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class))):
         n = 0

@@ -13,7 +13,7 @@ from imt.tools.make_synthetic import CLASSES, _mask, make_synthetic
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.JPEG")) if p.is_file()}
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
@@ -73,3 +73,19 @@ def test_each_class_is_a_texture_the_demo_can_see(name):
             assert angle >= 75, (i, angle)
         elif name.endswith("diagonals"):
             assert 25 <= angle <= 65, (i, angle)
+
+
+def test_a_folder_drawn_otherwise_is_refused_not_mixed(tmp_path):
+    """Existing images are kept, so a folder from the old shape drawing or another seed would mix with this
+    one: refused with what to do."""
+    import click
+    from imt.tools.make_synthetic import make_synthetic
+
+    old = tmp_path / "old"
+    (old / "train" / "c0_circles").mkdir(parents=True)  # the shape classes before 2026-12-02
+    with pytest.raises(click.ClickException, match="c0_circles.*delete it"):
+        make_synthetic(old, 1, 0, num_classes=1)
+    make_synthetic(tmp_path / "new", 1, 0, num_classes=1, seed=0)
+    make_synthetic(tmp_path / "new", 1, 0, num_classes=1, seed=0)  # the same drawing again: fine
+    with pytest.raises(click.ClickException, match="seed"):
+        make_synthetic(tmp_path / "new", 1, 0, num_classes=1, seed=1)
