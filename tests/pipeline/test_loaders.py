@@ -18,6 +18,7 @@ from imt.pipeline import build_loader
 from imt.pipeline.common import MEAN, STD, num_batches, rank_batches
 from imt.pipeline.config import DataConfig
 from imt.pipeline.manifest import ManifestError
+from imt.tools.make_synthetic import CLASSES
 from imt.train.dist import DistInfo
 
 dali = pytest.importorskip("nvidia.dali")
@@ -75,7 +76,7 @@ def test_training_batches(kind, synthetic_shards, synthetic_root):
     batches = list(loader)
     assert len(batches) == len(loader) == 10 and loader.num_samples == 96
     assert [len(b[1]) for b in batches] == [10] * 9 + [6]
-    assert loader.classes[:2] == ("c0_circles", "c1_squares")
+    assert loader.classes[:2] == CLASSES[:2]
     for images, labels in batches:
         assert images.shape[1:] == (3, 32, 32) and images.dtype == torch.bfloat16
         assert images.is_contiguous(memory_format=torch.channels_last)

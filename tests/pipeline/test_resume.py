@@ -200,5 +200,5 @@ def test_dali_records_the_trained_samples_of_an_adopted_data_set_by_index(tmp_pa
     state = lo.state_dict()
     trained = state["consumed"].tolist()
     assert len(set(trained)) == 16 and all(0 <= i < len(names) for i in trained)
-    # keys=True's names drop everything after a key's first dot (c1_squares_0000.v2 -> c1_squares_0000)
+    # keys=True's names drop everything after a key's first dot (c1_vstripes_0000.v2 -> c1_vstripes_0000)
     assert [names[i].split(".")[0] for i in trained] == keys
