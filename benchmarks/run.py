@@ -186,7 +186,8 @@ class Step:
 
     def __init__(self, cfg: Config, device: torch.device, num_classes: int, compiled: bool):
         seed_everything(cfg.run.seed, False)  # also turns on cudnn autotuning, as training does
-        model = build_model(cfg.model.arch, num_classes, zero_init_residual=cfg.model.zero_init_residual)
+        model = build_model(cfg.model.arch, num_classes, zero_init_residual=cfg.model.zero_init_residual,
+                            kwargs=cfg.model.kwargs)
         self.model = prepare(model, device)
         self.parts = build_step_parts(cfg, self.model, device)
         self.net = compile_model(self.model) if compiled else self.model

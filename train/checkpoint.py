@@ -221,12 +221,18 @@ def find_resume(directory: str | Path) -> tuple[Path, dict] | None:
     return None
 
 
-def check_compatible(state: dict, arch: str, classes: list[str] | tuple[str, ...], source: str = "") -> None:
-    """Refuse a checkpoint whose model or label set differs from this run's, saying what differs."""
+def check_compatible(state: dict, arch: str, classes: list[str] | tuple[str, ...], source: str = "",
+                     kwargs: dict | None = None) -> None:
+    """Refuse a checkpoint whose model (arch, model.kwargs) or label set differs from this run's, saying what
+    differs."""
     where = source or "checkpoint"
     if state.get("arch") != arch:
         raise CheckpointError(f"{where} holds a {state.get('arch')} but this run builds a {arch}; "
                               f"pass --arch {state.get('arch')} or start a new --out")
+    theirs_kw, ours_kw = dict(state.get("model_kwargs") or {}), dict(kwargs or {})
+    if theirs_kw != ours_kw:
+        raise CheckpointError(f"{where} holds a {arch} built with model.kwargs={theirs_kw} but this run asks for "
+                              f"{ours_kw}; pass --set 'model.kwargs={theirs_kw}' or start a new --out")
     theirs, ours = list(state.get("classes", [])), list(classes)
     if theirs != ours:
         if len(theirs) != len(ours):

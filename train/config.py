@@ -36,7 +36,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "resnet50"            # any torchvision classification model name (torchvision.models.list_models)
+    arch: str = "resnet50"            # a torchvision classification model name (torchvision.models.list_models),
+    #                                   or timm:<name> for one of timm's (timm.list_models())
+    # Keyword arguments for the model's constructor (timm's train.py --model-kwargs), e.g. a narrower timm ResNet:
+    # {channels: [32, 64, 128, 256], stem_width: 32}. Saved in checkpoints and exports with the weights.
+    kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None     # checkpoint / state dict / "torchvision:<arch>" (see train.transfer)
     finetune: str = "full"            # with pretrained: full (everything trains) | linear (probe: head only)
     freeze_bn: bool = False           # keep BN running statistics at their pretrained values (small data)
@@ -146,6 +150,10 @@ def _coerce(section: str, key: str, hint: Any, value: Any) -> Any:
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     try:
+        if origin is dict:  # a mapping of keyword arguments: YAML values as they are
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise TypeError
+            return dict(value)
         if origin is tuple:
             if isinstance(value, str):
                 value = yaml.safe_load(f"[{value.strip('[]()')}]")
@@ -310,12 +318,11 @@ def validate(cfg: Config) -> None:
     _check(r.threads >= 0, f"run.threads={r.threads}: 0 (auto) or a positive number of torch threads")
     if r.start_res:
         _check(r.ramp_end >= r.ramp_start, f"run.ramp_end={r.ramp_end} < run.ramp_start={r.ramp_start}")
-    import torchvision
-    known = torchvision.models.list_models(module=torchvision.models)
-    _check(m.arch in known, f"model.arch={m.arch!r} is not a torchvision classification model; e.g. "
-                            f"resnet18, resnet50, vgg16_bn, densenet121, inception_v3 (all: {len(known)} in "
-                            "torchvision.models.list_models(module=torchvision.models))")
-    from imt.train.model import fixed_input_size
+    from imt.train.model import fixed_input_size, known_arch
+    _check(known_arch(m.arch), f"model.arch={m.arch!r} is neither a torchvision classification model (e.g. "
+                               "resnet18, resnet50, vgg16_bn, densenet121, inception_v3: "
+                               "torchvision.models.list_models(module=torchvision.models)) nor timm:<name> with a "
+                               "name from timm.list_models() (e.g. timm:resnet18)")
     if fixed := fixed_input_size(m.arch):
         ramp = {r.start_res, r.end_res or d.resolution} if r.start_res else set()
         used = sorted({d.resolution, d.val_resolution} | ramp)

@@ -3,7 +3,7 @@
     imt-export --checkpoint runs/x/checkpoints/best.pt --out exported/x
 
 writes into `--out`:
-- `model.pt`: {"model": state dict, "arch", "classes", "resolution", "resize_ratio", "mean", "std"}, loadable
+- `model.pt`: {"model": state dict, "arch", "model_kwargs", "classes", "resolution", "resize_ratio", "mean", "std"}, loadable
   with `torch.load(weights_only=True)` and as `--pretrained` for a later fine-tuning run;
 - `model.onnx`: the ONNX graph (input "images", output "logits", batch size dynamic) for serving without
   torch: onnxruntime, TensorRT, Triton. `onnxruntime.InferenceSession("model.onnx").run(None, {"images": x})`.
@@ -59,11 +59,12 @@ def export_onnx(model: nn.Module, example: torch.Tensor, batch: torch.export.Dim
 
 
 def export_model(model: nn.Module, arch: str, classes: list[str], out: str | Path, resolution: int = 224,
-                 resize_ratio: float = 0.875, onnx: bool = True) -> Path:
+                 resize_ratio: float = 0.875, onnx: bool = True, model_kwargs: dict | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().eval().to("cpu", memory_format=torch.contiguous_format)
-    bundle = Checkpoint(model=model.state_dict(), arch=arch, classes=list(classes), resolution=resolution,
+    bundle = Checkpoint(model=model.state_dict(), arch=arch, model_kwargs=dict(model_kwargs or {}),
+                        classes=list(classes), resolution=resolution,
                         resize_ratio=resize_ratio, mean=list(MEAN), std=list(STD)).bundle()
     _atomic_write(out / "model.pt", lambda p: torch.save(bundle, p))
     example = torch.randn(2, 3, resolution, resolution)
@@ -87,7 +88,7 @@ def load_checkpoint_model(path: str | Path, use_ema: bool = True) -> tuple[nn.Mo
     state, meta = read_state(path, ema=use_ema)
     if "arch" not in meta or "classes" not in meta:
         raise PretrainedError(f"{path} is not a checkpoint of this project (no arch/classes inside)")
-    model = build_model(meta["arch"], len(meta["classes"]))
+    model = build_model(meta["arch"], len(meta["classes"]), kwargs=meta.get("model_kwargs"))
     model.load_state_dict(state)
     return model.eval(), meta
 
@@ -108,7 +109,8 @@ def main(checkpoint, out, resolution, ema, onnx):
     res = resolution or meta.get("resolution") or cfg.get("data", {}).get("val_resolution") or 224
     ratio = meta.get("resize_ratio") or cfg.get("data", {}).get("val_resize_ratio") or 0.875
     try:
-        path = export_model(model, meta["arch"], list(meta["classes"]), out, int(res), float(ratio), onnx)
+        path = export_model(model, meta["arch"], list(meta["classes"]), out, int(res), float(ratio), onnx,
+                            meta.get("model_kwargs"))
     except ExportError as exc:
         raise click.ClickException(str(exc)) from exc
     files = ", ".join(p.name for p in sorted(path.iterdir()) if ".partial." not in p.name)

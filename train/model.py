@@ -14,19 +14,59 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 AUX_WEIGHT = {"inception_v3": 0.4, "googlenet": 0.3}
 
 
-def build_model(arch: str, num_classes: int, *, zero_init_residual: bool = False) -> nn.Module:
-    """A randomly initialised torchvision model with a `num_classes` head (on the CPU, float32)."""
-    kwargs = {}
+TIMM = "timm:"  # model.arch prefix: a model from timm's registry (timm.list_models()) instead of torchvision's
+
+
+def known_arch(arch: str) -> bool:
+    """A torchvision classification model name, or timm:<name> of a model timm can build."""
+    if arch.startswith(TIMM):
+        import timm
+
+        return timm.is_model(arch[len(TIMM):])
+    return arch in torchvision.models.list_models(module=torchvision.models)
+
+
+def build_model(arch: str, num_classes: int, *, zero_init_residual: bool = False,
+                kwargs: dict | None = None) -> nn.Module:
+    """A randomly initialised model with a `num_classes` head (on the CPU, float32): torchvision's `arch`, or
+    timm's for `timm:<name>`. `kwargs` go to the model's constructor (model.kwargs, as timm's own train.py
+    --model-kwargs), e.g. timm ResNets' `channels` and `stem_width` for a narrower network."""
+    kwargs = dict(kwargs or {})
     if arch in ("inception_v3", "googlenet"):
-        kwargs["init_weights"] = True  # torchvision warns when left implicit
+        kwargs.setdefault("init_weights", True)  # torchvision warns when left implicit
     try:
-        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+        if arch.startswith(TIMM):
+            model = _build_timm(arch[len(TIMM):], num_classes, zero_init_residual, kwargs)
+        else:
+            model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     except ValueError as exc:
-        raise ValueError(f"unknown model {arch!r}: use a name from "
-                         "torchvision.models.list_models(module=torchvision.models)") from exc
+        if known_arch(arch):
+            raise
+        raise ValueError(f"unknown model {arch!r}: use a name from torchvision.models.list_models(module="
+                         "torchvision.models), or timm:<name> with a name from timm.list_models()") from exc
+    except TypeError as exc:  # a keyword the constructor does not take
+        raise ValueError(f"model.kwargs {kwargs} do not fit {arch}: {exc}. Give only its constructor's arguments "
+                         "(--set 'model.kwargs={}' clears a recipe's)") from exc
     if zero_init_residual:
         zero_init_last_bn(model)
     return model
+
+
+def _build_timm(name: str, num_classes: int, zero_init_residual: bool, kwargs: dict) -> nn.Module:
+    """timm.create_model without pretrained weights. timm's residual networks zero their blocks' last BN
+    themselves (zero_init_last=True by default); model.zero_init_residual=false is passed on as
+    zero_init_last=False to the models that take it."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"timm has no model {name!r}")
+    if not zero_init_residual and "zero_init_last" not in kwargs:
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, zero_init_last=False, **kwargs)
+        except TypeError as exc:
+            if "zero_init_last" not in str(exc):
+                raise
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
 def fixed_input_size(arch: str) -> int | None:
@@ -40,12 +80,16 @@ def fixed_input_size(arch: str) -> int | None:
 
 def zero_init_last_bn(model: nn.Module) -> int:
     """Zero the last BN gamma of each ResNet-style block so each residual branch starts as the identity
-    (Goyal et al. 2017); returns how many blocks were found (0 for non-residual models)."""
+    (Goyal et al. 2017): torchvision's BasicBlock/Bottleneck, and timm's blocks through their own
+    `zero_init_last()`. Returns how many blocks were found (0 for non-residual models)."""
     n = 0
     for m in model.modules():
         bn = m.bn3 if isinstance(m, Bottleneck) else m.bn2 if isinstance(m, BasicBlock) else None
         if bn is not None:
             nn.init.zeros_(bn.weight)
+            n += 1
+        elif callable(getattr(m, "zero_init_last", None)):
+            m.zero_init_last()
             n += 1
     return n
 

@@ -62,7 +62,8 @@ def print_summary(summary: dict) -> None:
               help="Shard folder from imt-make-shards (train and val splits); for "
               "--loader folder an ImageFolder root with train/ and val/.")
 @click.option("--arch", show_default=recipe_default('model.arch'),
-              help="torchvision model name: resnet18/34/50/101/152, vgg16_bn, densenet121, ...")
+              help="torchvision model name (resnet18/34/50/101/152, vgg16_bn, densenet121, ...) or timm:<name> "
+              "(timm.list_models()); constructor arguments: --set 'model.kwargs={...}'.")
 @click.option("--epochs", show_default=recipe_default('run.epochs'), type=int)
 @click.option("--batch-size", show_default=recipe_default('data.batch_size'),
               type=int, help="Per rank (GPU); the lr scales with the global batch.")

@@ -30,6 +30,7 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     arch: str
     classes: list[str]
+    model_kwargs: dict = field(default_factory=dict)  # model.kwargs: build_model(arch, kwargs=...) rebuilds it
     epoch: int = 0                 # epochs completed when saved
     step: int = 0                  # global optimizer steps done
     optimizer: dict = field(default_factory=dict)
@@ -78,11 +79,13 @@ class Checkpoint:
 
     def bundle(self) -> dict[str, Any]:
         """The inference fields alone (what imt-export writes as model.pt)."""
-        return {k: getattr(self, k) for k in ("model", "arch", "classes", "resolution", "resize_ratio", "mean", "std")}
+        return {k: getattr(self, k) for k in ("model", "arch", "model_kwargs", "classes", "resolution", "resize_ratio",
+                                        "mean", "std")}
 
     def meta(self) -> dict[str, Any]:
         """What export, predict and --pretrained report and use besides the weights."""
-        return {"arch": self.arch, "classes": list(self.classes), "epoch": self.epoch,
+        return {"arch": self.arch, "model_kwargs": dict(self.model_kwargs), "classes": list(self.classes),
+                "epoch": self.epoch,
                 "resolution": self.resolution, "resize_ratio": self.resize_ratio, "mean": list(self.mean),
                 "std": list(self.std), "config": self.config}
 
@@ -102,7 +105,8 @@ class TrainState:
     def capture(self, *, epoch: int, step: int, rngs: list[dict], loaders: list[dict], cfg, classes,
                 world_size: int) -> Checkpoint:
         return Checkpoint(
-            model=self.model.state_dict(), arch=cfg.model.arch, classes=list(classes), epoch=epoch, step=step,
+            model=self.model.state_dict(), arch=cfg.model.arch, model_kwargs=dict(cfg.model.kwargs),
+            classes=list(classes), epoch=epoch, step=step,
             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
             schedule=self.schedule.state_dict(), ema=self.ema.state_dict() if self.ema is not None else {},
             rng=rngs, loaders=loaders, best=dict(self.best), world_size=world_size, config=cfg.to_dict(),
@@ -115,7 +119,8 @@ class TrainState:
         if not ckpt.is_training:
             raise CheckpointError(f"{path} holds weights only (an export or a state dict), not a training run "
                                   "to continue: start from it with --pretrained instead of --resume")
-        check_compatible({"arch": ckpt.arch, "classes": ckpt.classes}, cfg.model.arch, classes, str(path))
+        check_compatible({"arch": ckpt.arch, "model_kwargs": ckpt.model_kwargs, "classes": ckpt.classes}, cfg.model.arch,
+                         classes, str(path), kwargs=cfg.model.kwargs)
         saved = ckpt.config.get("optim", {}).get("optimizer", "sgd")  # its state means nothing to another one
         if saved != cfg.optim.optimizer:
             raise CheckpointError(f"{path} was trained with optim.optimizer={saved}, this run asks for "

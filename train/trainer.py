@@ -162,7 +162,8 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         from imt.train.transfer import finetune_of_checkpoint
         cfg = replace(cfg, model=finetune_of_checkpoint(cfg.model, resumed[1] if resumed else None))
 
-    model = build_model(cfg.model.arch, len(classes), zero_init_residual=cfg.model.zero_init_residual)
+    model = build_model(cfg.model.arch, len(classes), zero_init_residual=cfg.model.zero_init_residual,
+                        kwargs=cfg.model.kwargs)
     heads: list[str] = []
     if cfg.model.pretrained:
         from imt.train.transfer import setup_finetune

@@ -118,6 +118,10 @@ def test_incompatible_checkpoint_says_what_differs():
         check_compatible(state, "resnet18", ["a", "b", "c"])
     with pytest.raises(CheckpointError, match="class 1 is 'b' in the checkpoint but 'z'"):
         check_compatible(state, "resnet18", ["a", "z"])
+    narrow = {**state, "arch": "timm:resnet18", "model_kwargs": {"channels": [32, 64, 128, 256]}}
+    check_compatible(narrow, "timm:resnet18", ["a", "b"], kwargs={"channels": [32, 64, 128, 256]})
+    with pytest.raises(CheckpointError, match=r"built with model.kwargs=\{'channels'.*asks for \{\}"):
+        check_compatible(narrow, "timm:resnet18", ["a", "b"])
 
 
 def test_stop_flag_handler():

@@ -28,6 +28,13 @@ def test_overrides_beat_recipe_and_are_typed():
     assert cfg.optim.lr == 0.2 and cfg.run.epochs == 3 and cfg.optim.milestones == (1, 2)
     assert cfg.run.tta_flip is True and cfg.model.pretrained is None
     assert cfg.model.arch == "resnet50"  # from the recipe
+    narrow = load_config(None, {"data.path": "x", "model.arch": "timm:resnet18",
+                                "model.kwargs": parse_override("model.kwargs={channels: [32, 64, 128, 256]}")[1]})
+    assert narrow.model.kwargs == {"channels": [32, 64, 128, 256]}
+    with pytest.raises(ConfigError, match="model.kwargs: expected dict"):
+        load_config(None, {"data.path": "x", "model.kwargs": "[32, 64]"})
+    with pytest.raises(ConfigError, match="nor timm:<name>"):
+        load_config(None, {"data.path": "x", "model.arch": "timm:resnet_nope"})
 
 
 def test_parse_override():

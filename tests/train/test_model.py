@@ -32,6 +32,26 @@ def test_auxiliary_logits_enter_the_loss(arch):
     assert loss_function(arch, 0.0)(model.eval()(torch.randn(2, 3, px, px)), labels).ndim == 0
 
 
+def test_timm_models_with_constructor_arguments():
+    """timm:<name> builds timm's model; model.kwargs reach its constructor (a half-width ResNet-18, the CPU
+    recipe's network); zero_init_residual reaches timm's blocks both ways; a wrong keyword names the fix."""
+    narrow = build_model("timm:resnet18", 10, zero_init_residual=True,
+                         kwargs={"channels": [32, 64, 128, 256]})
+    assert narrow.fc.in_features == 256 and narrow.layer1[0].conv1.out_channels == 32
+    assert 2.5e6 < sum(p.numel() for p in narrow.parameters()) < 3.0e6  # about a quarter of ResNet-18's 11.2 M
+    assert all(not b.bn2.weight.detach().any() for b in narrow.layer1)
+    plain = build_model("timm:resnet18", 10, zero_init_residual=False)
+    assert all(b.bn2.weight.detach().all() for b in plain.layer1)
+    assert zero_init_last_bn(plain) == 8 and not plain.layer4[1].bn2.weight.detach().any()
+    build_model("timm:mobilenetv3_small_050", 3, zero_init_residual=False)  # takes no zero_init_last: still builds
+    out = prepare(narrow, torch.device("cpu")).train()(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 10)
+    with pytest.raises(ValueError, match=r"model.kwargs \{'channels'.*do not fit resnet18.*model.kwargs=\{\}"):
+        build_model("resnet18", 3, kwargs={"channels": [32, 64, 128, 256]})
+    with pytest.raises(ValueError, match="timm.list_models"):
+        build_model("timm:resnet_nope", 3)
+
+
 def test_unknown_arch_and_unwrap():
     with pytest.raises(ValueError, match="list_models"):
         build_model("resnet51", 3)

@@ -275,7 +275,7 @@ def test_export_and_predict_round_trip(tmp_path):
     out = export_model(model, "resnet18", classes, tmp_path / "exp", resolution=64)
     assert json.loads((out / "classes.json").read_text()) == classes
     bundle = torch.load(out / "model.pt", weights_only=True)
-    assert bundle["arch"] == "resnet18" and bundle["classes"] == classes
+    assert bundle["arch"] == "resnet18" and bundle["classes"] == classes and bundle["model_kwargs"] == {}
     # both graphs give the model's logits, at a batch size other than the one they were traced with
     x5 = torch.randn(5, 3, 64, 64)
     with torch.no_grad():
@@ -311,7 +311,8 @@ def test_export_and_predict_round_trip(tmp_path):
 
 def test_export_cli_from_a_training_checkpoint(tmp_path):
     """imt-export on what the trainer writes: EMA weights by default (what evaluation reported), the run's
-    validation size and classes; --no-ema takes the raw weights; predict reads the checkpoint directly too."""
+    validation size and classes; --no-ema takes the raw weights; predict reads the checkpoint directly too. The
+    model is a narrow timm ResNet (model.kwargs), which the checkpoint and the export must rebuild."""
     from click.testing import CliRunner
 
     from imt.train.config import load_config
@@ -319,7 +320,9 @@ def test_export_cli_from_a_training_checkpoint(tmp_path):
     from imt.train.predict import Predictor
     from imt.train.run import train
 
-    cfg = load_config(None, {"model.arch": "resnet18", "data.loader": "synthetic", "data.synthetic_samples": 16,
+    narrow = {"channels": [16, 32, 64, 128]}
+    cfg = load_config(None, {"model.arch": "timm:resnet18", "model.kwargs": narrow, "data.loader": "synthetic",
+                             "data.synthetic_samples": 16,
                              "data.synthetic_classes": 3, "data.dtype": "float32", "data.batch_size": 8,
                              "data.resolution": 32, "data.val_resolution": 40, "data.workers": 1,
                              "optim.warmup_epochs": 0, "optim.ema_decay": 0.5, "run.epochs": 1,
@@ -332,6 +335,7 @@ def test_export_cli_from_a_training_checkpoint(tmp_path):
     assert "model.onnx" in r.output and "40px" in r.output
     bundle = torch.load(tmp_path / "exp" / "model.pt", weights_only=True)
     assert bundle["classes"] == state["classes"] and bundle["resolution"] == 40
+    assert state["model_kwargs"] == bundle["model_kwargs"] == narrow and bundle["arch"] == "timm:resnet18"
     ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
     assert not torch.equal(ema["conv1.weight"], state["model"]["conv1.weight"])  # so the check below means something
     assert torch.equal(bundle["model"]["conv1.weight"], ema["conv1.weight"])
@@ -345,6 +349,7 @@ def test_export_cli_from_a_training_checkpoint(tmp_path):
 
     pred = Predictor.load(ckpt, "cpu")
     assert pred.classes == state["classes"] and pred.transform(Image.new("RGB", (80, 60))).shape == (3, 40, 40)
+    assert Predictor.load(tmp_path / "exp" / "model.pt", "cpu").model.layer1[0].conv1.out_channels == 16  # rebuilt
 
 
 def test_export_and_predict_name_a_file_they_cannot_load(tmp_path):
