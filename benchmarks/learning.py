@@ -80,7 +80,8 @@ def report(s: dict, cmd: str, budget_min: float, target_top1: float) -> str:
     final = s["final"]["val_top1"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return f"""
-## Learning check: {m['arch']} from scratch on Imagenette, {datetime.date.today()}
+## Learning check: {m['arch']}{f" ({m['kwargs']})" if m.get('kwargs') else ""} from scratch on Imagenette, \
+{datetime.date.today()}
 Machine: {"GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU machine"}, \
 {os.cpu_count()} cores (load average {load:.1f} at the end), {r['threads']} torch thread(s), {c['precision']['dtype']}.
 {d['loader']} loader ({d['workers']} workers), batch {d['batch_size']}, {o['optimizer']} peak lr

@@ -1,5 +1,5 @@
-"""Slow: the trainer really learns. benchmarks.learning's recipe (recipes/cpu_small.yaml: ResNet-18 from
-scratch at low resolution) on Imagenette (chance 10%), CPU, cut to 3 epochs: a few minutes
+"""Slow: the trainer really learns. benchmarks.learning's recipe (recipes/cpu_small.yaml: a half-width
+ResNet-18 from scratch at low resolution) on Imagenette (chance 10%), CPU, cut to 3 epochs: a few minutes
 (benchmarks/learning.py records the full run's figures in benchmarks/RESULTS.md)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 
 @pytest.mark.slow
-def test_resnet18_learns_imagenette(imagenette, tmp_path):
+def test_cpu_small_learns_imagenette(imagenette, tmp_path):
     from imt.benchmarks.learning import run
 
     summary = run(imagenette, overrides={"data.loader": "folder", "run.epochs": 3}, out=tmp_path / "run")
