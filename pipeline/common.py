@@ -259,14 +259,13 @@ def windowed_order(counts: list[int], sizes: list[int], budget: int, world: int,
         samples = np.concatenate([np.arange(firsts[s], firsts[s + 1]) for s in window])
         parts.append(samples[torch.randperm(len(samples), generator=g).numpy()] if g is not None else samples)
     seq = np.concatenate(parts)
+    # Dealt in whole rounds (rank r takes positions r, r + world, ... of the first `full`), then the n % world
+    # samples left over one each, in order, to the ranks whose share (rank_batches') is one longer.
     n = len(seq)
-    rounds = n // world
-    extra = [r for r in range(world) if n * (r + 1) // world - n * r // world > rounds]  # ranks with one more
-    shares = []
-    for r in range(world):
-        shares.append(seq[r:rounds * world:world])
-        if r in extra:
-            shares.append(seq[rounds * world + extra.index(r):][:1])
+    full = n // world * world
+    longer = [r for r in range(world) if n * (r + 1) // world - n * r // world > n // world]
+    last = {r: seq[full + k:full + k + 1] for k, r in enumerate(longer)}
+    shares = [np.concatenate((seq[r:full:world], last.get(r, seq[:0]))) for r in range(world)]
     return np.concatenate(shares).tolist(), windows
 
 

@@ -42,6 +42,53 @@ def test_windowed_order_reads_windows_in_turn_on_every_rank(world, seed):
     assert again == order
 
 
+def _dealt(seq: list[int], world: int) -> list[int]:
+    """The straightforward dealing windowed_order must do: one sample at a time to each rank in turn, skipping
+    a rank once it holds its share of rank_batches' split (n*(r+1)//world - n*r//world); the ranks' hands
+    concatenated."""
+    n = len(seq)
+    want = [n * (r + 1) // world - n * r // world for r in range(world)]
+    hands: list[list[int]] = [[] for _ in range(world)]
+    samples = iter(seq)
+    while any(len(h) < w for h, w in zip(hands, want)):
+        for h, w in zip(hands, want):
+            if len(h) < w:
+                h.append(next(samples))
+    return [i for h in hands for i in h]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 7, 8])
+@pytest.mark.parametrize("counts,budget", [([3, 2, 4], 50), ([5, 1, 3, 4], 6), ([10, 7, 12, 5, 9, 11, 8], 20),
+                                           ([1], 10), ([4, 4, 4, 4], 8)])
+def test_windowed_order_deals_each_rank_its_share_round_by_round(counts, budget, world):
+    """Unshuffled (seed None: the samples in stored order, windows of consecutive shards), the order is exactly
+    the round-robin dealing; shuffled, each rank's share has rank_batches' length and the order is a
+    permutation of the samples."""
+    n, sizes = sum(counts), counts  # a byte per sample
+    order, _ = windowed_order(counts, sizes, budget, world, None)
+    assert order == _dealt(list(range(n)), world)
+    shuffled, windows = windowed_order(counts, sizes, budget, world, 5)
+    assert sorted(shuffled) == list(range(n)) and sorted(s for w in windows for s in w) == list(range(len(counts)))
+    first = [0] + [sum(counts[:s + 1]) for s in range(len(counts))]
+    window_of = {i: k for k, w in enumerate(windows) for s in w for i in range(first[s], first[s + 1])}
+    for r in range(world):
+        share = shuffled[n * r // world: n * (r + 1) // world]
+        assert len(share) == n * (r + 1) // world - n * r // world
+        assert [window_of[i] for i in share] == sorted(window_of[i] for i in share)
+
+
+@pytest.mark.parametrize("args,order,windows", [  # recorded from the function before its dealing was rewritten
+    (([3, 2, 4], [30, 20, 40], 50, 2, None), [0, 2, 4, 6, 1, 3, 5, 7, 8], [[0, 1], [2]]),
+    (([3, 2, 4], [30, 20, 40], 50, 4, None), [0, 4, 1, 5, 2, 6, 3, 7, 8], [[0, 1], [2]]),
+    (([5, 1, 3, 4], [5, 1, 3, 4], 6, 3, 7), [11, 10, 7, 0, 9, 8, 4, 1, 12, 6, 2, 3, 5], [[3], [2], [0, 1]]),
+    (([5, 1, 3, 4], [5, 1, 3, 4], 6, 5, 3), [6, 5, 7, 11, 2, 8, 12, 9, 4, 0, 10, 3, 1], [[2], [3, 1], [0]]),
+    (([2, 2, 3], [1, 1, 1], 10, 4, 11), [0, 3, 5, 2, 4, 1, 6], [[0, 2, 1]]),
+])
+def test_windowed_order_is_unchanged_by_the_rewrite(args, order, windows):
+    """Checkpoints name batches by index into this order: the same inputs must give the same order."""
+    assert windowed_order(*args) == (order, windows)
+
+
 @pytest.fixture(scope="module")
 def many_shards(synthetic_root, tmp_path_factory) -> Path:
     """The synthetic set cut into 12 train and 4 val shards of 8 samples."""
