@@ -64,6 +64,25 @@ def _join(base: str, rel: str) -> str:
     return "/".join(parts)
 
 
+def _locked(path: Path, flags: int):
+    """`path` opened (created if missing) and flock'ed with `flags`; the open file, whose closing releases the lock.
+    The per-tar lock and pin files are deleted when their tar is evicted (ShardCache._evict), so a process may
+    open one just before it is deleted and then lock that deleted file, which no other process can see: such a
+    lock is dropped and taken again on the file now at `path`. With LOCK_NB, BlockingIOError when it is held."""
+    while True:
+        f = open(path, "a")
+        try:
+            fcntl.flock(f, flags)
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                return f
+        except FileNotFoundError:  # deleted after this open: lock the next one
+            pass
+        except BaseException:
+            f.close()
+            raise
+        f.close()
+
+
 def victims(resident: dict[str, int], need: int, limit: int, upcoming: list[str], recent: list[str]) -> list[str]:
     """Resident shards (name -> bytes) to delete so `need` more bytes fit in `limit`. First those not in
     `upcoming` (the rest of the order), the most recently used first (`recent`: oldest use first); then the
@@ -153,8 +172,7 @@ class ShardCache:
             self._used(name)
             return path
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / f".{name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another rank of this node may be fetching it
+        with _locked(self.dir / f".{name}.lock", fcntl.LOCK_EX):  # another rank of this node may be fetching it
             if not path.is_file():
                 self._retry(lambda: self._download(_join(self.base, spec["remote"]), path, spec), spec["remote"])
         self._used(name)
@@ -251,13 +269,25 @@ class ShardCache:
         return sum(self._resident(".idx").values())
 
     def _evict(self, name: str) -> bool:
-        """Delete a cached tar unless a reader of this node has pinned it (Feeder: a shared flock on its .pin)."""
-        with open(self.dir / f".{name}.pin", "a") as pin:
-            try:
-                fcntl.flock(pin, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
+        """Delete a cached tar unless a reader of this node has pinned it (Feeder: a shared flock on its .pin), and
+        with it its pin file and download lock file (left behind, they added up to a pair per tar ever fetched).
+        Each is deleted while this holds its lock exclusively, so no reader holds that pin and no fetch that
+        lock; whoever opened it meanwhile locks the next one (`_locked`). A lock file a fetch holds is left to it.
+        Called under the folder's .room.lock, so evictions on the node run one at a time."""
+        pin_path, lock_path = self.dir / f".{name}.pin", self.dir / f".{name}.lock"
+        try:
+            pin = _locked(pin_path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        with pin:
             (self.dir / name).unlink(missing_ok=True)
+            pin_path.unlink()
+            if lock_path.exists():
+                try:
+                    with _locked(lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                        lock_path.unlink()
+                except BlockingIOError:  # another rank is fetching it again: its lock stays until the next eviction
+                    pass
         return True
 
     def fits(self) -> bool:
@@ -369,9 +399,7 @@ class Feeder:
         for n in [n for n in self._pins if n not in names]:
             self._pins.pop(n).close()  # closing the file releases its flock
         for n in names - self._pins.keys():
-            f = open(self.cache.dir / f".{n}.pin", "a")
-            fcntl.flock(f, fcntl.LOCK_SH)
-            self._pins[n] = f
+            self._pins[n] = _locked(self.cache.dir / f".{n}.pin", fcntl.LOCK_SH)
 
     def _feed(self) -> None:
         self.cache.dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
 import random
 import threading
 import time
@@ -96,6 +97,47 @@ def http_shards(synthetic_shards):
 
 def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_evicting_a_tar_deletes_its_pin_and_lock_files_unless_a_reader_holds_them(tmp_path):
+    """The zero-byte .pin/.lock files of a tar go with it (they used to add up, one pair per tar ever fetched),
+    but never while a reader's pin holds the tar; a lock file a fetch holds stays."""
+    import fcntl
+
+    cache = ShardCache(str(tmp_path / "store"), tmp_path / "cache")
+    cache.dir.mkdir(parents=True)
+    tar, pin, lock = (cache.dir / n for n in ("a.tar", ".a.tar.pin", ".a.tar.lock"))
+    for f in (tar, pin, lock):
+        f.touch()
+    with remote._locked(pin, fcntl.LOCK_SH):  # a Feeder reading it
+        assert not cache._evict("a.tar") and tar.is_file() and pin.is_file() and lock.is_file()
+    assert cache._evict("a.tar") and not tar.exists() and not pin.exists() and not lock.exists()
+    for f in (tar, pin, lock):
+        f.touch()
+    with remote._locked(lock, fcntl.LOCK_EX):  # another rank's fetch
+        assert cache._evict("a.tar") and not tar.exists() and not pin.exists() and lock.is_file()
+
+
+def test_a_lock_on_a_file_deleted_meanwhile_is_taken_on_the_one_now_there(tmp_path, monkeypatch):
+    """A reader opens a pin file, an eviction deletes it before the reader's flock: the reader must end up
+    holding the file now at that path, or the next eviction would take the tar it reads."""
+    import fcntl
+
+    pin = tmp_path / ".a.tar.pin"
+    real, deleted = fcntl.flock, []
+
+    def flock(f, flags):
+        if not deleted:  # the eviction runs between this open and this lock
+            deleted.append(pin.stat().st_ino)
+            pin.unlink()
+        real(f, flags)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with remote._locked(pin, fcntl.LOCK_SH) as held:
+        monkeypatch.setattr(fcntl, "flock", real)
+        assert deleted and os.fstat(held.fileno()).st_ino == pin.stat().st_ino
+        with pytest.raises(BlockingIOError):  # the next eviction sees the pin
+            remote._locked(pin, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_http_shards_are_cached_verified_and_retried(http_shards, tmp_path, monkeypatch):

@@ -173,6 +173,9 @@ def test_a_data_set_three_times_the_cache_trains_two_epochs(served, tmp_path, ki
     assert not list(cache.dir.glob(".*.part*"))
     val, _ = _loader(served, tmp_path, *kind, split="val")
     assert sorted(k for b in val for k in b[2]) == [f"val_{i:08d}" for i in range(32)]
+    marks = {p.name[1:].rsplit(".", 1)[0] for p in [*cache.dir.glob(".*.pin"), *cache.dir.glob(".*.lock")]}
+    cached = {p.name for p in cache.dir.iterdir() if p.suffix in (".tar", ".idx")}
+    assert marks - {"room"} <= cached, marks - cached  # evicted tars leave no pin or lock file behind
 
 
 @pytest.mark.parametrize("kind", [pytest.param(("torch", 1), id="torch-1")] + KINDS[2:])
