@@ -118,6 +118,37 @@ def test_evicting_a_tar_deletes_its_pin_and_lock_files_unless_a_reader_holds_the
         assert cache._evict("a.tar") and not tar.exists() and not pin.exists() and lock.is_file()
 
 
+def test_a_batch_is_admitted_whole_or_not_at_all(tmp_path):
+    """Two ranks' caches on one folder of 3 tars' room. A batch whose missing tars do not fit reserves and pins
+    nothing (it used to reserve its tars one at a time and pin its resident ones: two ranks each holding part
+    of a batch deadlocked); one that fits reserves all its missing tars and pins its resident ones before the
+    folder's lock is released, so the other rank cannot evict them to admit its own batch."""
+    import fcntl
+
+    ranks = [ShardCache(str(tmp_path / "store"), tmp_path / "cache", 300 / 2**30) for _ in range(2)]
+    folder = ranks[0].dir
+    folder.mkdir(parents=True)
+    specs = {f"{n}.tar": {"bytes": 100, "sha256": None} for n in "abcd"}
+    for n in ("a.tar", "b.tar"):
+        (folder / n).write_bytes(b"x" * 100)
+    pins = []
+
+    def pin(names):
+        pins.extend(remote._locked(folder / f".{n}.pin", fcntl.LOCK_SH) for n in names)
+
+    with remote._locked(folder / ".a.tar.pin", fcntl.LOCK_SH):  # a reader of the other rank holds a.tar
+        assert ranks[0]._admit(["b.tar", "c.tar", "d.tar"], ["b.tar", "c.tar", "d.tar"], {}, specs, pin=pin) is None
+        assert not pins and not list(folder.glob(".*.want*")) and (folder / "b.tar").is_file()
+        assert ranks[0]._admit(["b.tar", "c.tar"], ["b.tar", "c.tar"], {}, specs, pin=pin) == ["c.tar"]
+        assert len(pins) == 1 and [p.name for p in folder.glob(".*.want*")] == [ranks[0]._want("c.tar").name]
+        # the other rank: a.tar and b.tar pinned, c.tar on its way: no room for d.tar, nothing of it taken
+        assert ranks[1]._admit(["d.tar"], ["d.tar", "a.tar", "b.tar"], {}, specs) is None
+        assert (folder / "a.tar").is_file() and (folder / "b.tar").is_file() and len(list(folder.glob(".*.want*"))) == 1
+    ranks[0]._unwant("c.tar")
+    for f in pins:
+        f.close()
+
+
 def test_a_lock_on_a_file_deleted_meanwhile_is_taken_on_the_one_now_there(tmp_path, monkeypatch):
     """A reader opens a pin file, an eviction deletes it before the reader's flock: the reader must end up
     holding the file now at that path, or the next eviction would take the tar it reads."""
