@@ -267,8 +267,8 @@ def test_two_ranks_share_the_cache_and_read_the_same_window(served, tmp_path):
 
 @pytest.mark.slow  # ~25 runs of the above, minutes on 2 loaded cores
 def test_two_ranks_sharing_a_cache_never_deadlock(served, tmp_path):
-    """Before batches were admitted whole (ShardCache._admit), 2 runs in 5 of the test above hung: each rank
-    pinned part of a batch and waited for room the other held. Many runs, each on a fresh cache folder."""
+    """Before batches were admitted whole (ShardCache._admit), 2 runs in 25 hung (benchmarks/RESULTS.md): each
+    rank pinned part of a batch and waited for room the other held. Many runs, each on a fresh cache folder."""
     failed = []
     for i in range(25):
         try:
