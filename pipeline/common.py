@@ -191,7 +191,12 @@ def rank_batches(order: list[int], world: int, rank: int, batch: int, drop_last:
 
 # ---- where a loader is in its epoch (state_dict / load_state_dict), shared by every loader ---------
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+# The oldest state version whose epoch each kind of loader still replays exactly (1 where not listed). Version 2
+# (2026-12-02): the torch and folder loaders' orders and augmentation seeds come from mix_seed (31-bit; theirs was
+# 63-bit), so a version-1 state of theirs would resume with another rest of its epoch (samples trained twice,
+# others not at all): that epoch restarts instead. DALI's seeds were already mix_seed's.
+REPLAYS_SINCE = {"torch": 2, "folder": 2}
 
 
 def epoch_plan(order: list[int], world: int, rank: int, batch: int, drop_last: bool,
@@ -254,14 +259,13 @@ def windowed_order(counts: list[int], sizes: list[int], budget: int, world: int,
         samples = np.concatenate([np.arange(firsts[s], firsts[s + 1]) for s in window])
         parts.append(samples[torch.randperm(len(samples), generator=g).numpy()] if g is not None else samples)
     seq = np.concatenate(parts)
+    # Dealt in whole rounds (rank r takes positions r, r + world, ... of the first `full`), then the n % world
+    # samples left over one each, in order, to the ranks whose share (rank_batches') is one longer.
     n = len(seq)
-    rounds = n // world
-    extra = [r for r in range(world) if n * (r + 1) // world - n * r // world > rounds]  # ranks with one more
-    shares = []
-    for r in range(world):
-        shares.append(seq[r:rounds * world:world])
-        if r in extra:
-            shares.append(seq[rounds * world + extra.index(r):][:1])
+    full = n // world * world
+    longer = [r for r in range(world) if n * (r + 1) // world - n * r // world > n // world]
+    last = {r: seq[full + k:full + k + 1] for k, r in enumerate(longer)}
+    shares = [np.concatenate((seq[r:full:world], last.get(r, seq[:0]))) for r in range(world)]
     return np.concatenate(shares).tolist(), windows
 
 
@@ -269,6 +273,39 @@ def first_world(segments: list | tuple, world: int) -> int:
     """The number of ranks that began an epoch (what its windowed_order was dealt to): the first earlier run's
     (epoch_plan's segments), or this run's."""
     return int(segments[0][0]) if segments else world
+
+
+def mix_seed(*parts: int) -> int:
+    """One deterministic seed from integers (the run's seed, an epoch, a rank, a batch, ...), in [0, 2**31 - 1):
+    DALI's `seed` arguments take a non-negative int32, and torch.Generator / torch.manual_seed take it too. Every
+    seed a loader derives goes through here, so the same parts give the same seed in every loader."""
+    s, m = 0x9E3779B9, 2**31 - 1
+    for p in parts:
+        s = (s * 1_000_003 + int(p) + 1) % m
+    return s % m
+
+
+def epoch_order(n: int, seed: int, epoch: int, *, train: bool, windows: tuple | None = None, world: int = 1,
+                salt: tuple[int, ...] = ()) -> tuple[list[int], list[list[int]]]:
+    """The sample order of one epoch, the same on every rank, and its windows (shard numbers; [] unless
+    streamed). Training: a permutation of range(n) seeded by (seed, epoch, *salt); validation (train False): the
+    stored order. `windows` (a data set larger than its cache: samples per shard, bytes per shard, window
+    bytes, pipeline/remote.Stream.windows): windowed_order's, dealt to `world` ranks (the ranks that began the
+    epoch, see first_world). The one place a loader turns (seed, epoch) into an order."""
+    mixed = mix_seed(seed, epoch, *salt) if train else None
+    if windows is not None:
+        return windowed_order(*windows, world, mixed)
+    if mixed is None:
+        return list(range(n)), []
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mixed)).tolist(), []
+
+
+def seeded_plan(n: int, seed: int, epoch: int, *, train: bool, world: int, rank: int, batch: int, drop_last: bool,
+                segments: list | tuple = (), windows: tuple | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """This rank's batches of epoch `epoch` (epoch_plan of epoch_order, continuing the earlier runs' `segments`)
+    and the epoch's windows: what the torch loaders read, and the DALI loader when streaming."""
+    order, wins = epoch_order(n, seed, epoch, train=train, windows=windows, world=first_world(segments, world))
+    return epoch_plan(order, world, rank, batch, drop_last, segments), wins
 
 
 def split_rest(todo: list[int], world: int, rank: int, batch: int, drop_last: bool) -> list[list[int]]:
@@ -328,8 +365,9 @@ class Position:
             return ""
         epoch = int(state["epoch"])
         why = None
-        if state.get("version") != STATE_VERSION:
-            why = f"its loader state has version {state.get('version')!r}, this code reads {STATE_VERSION}"
+        if state.get("version") not in range(REPLAYS_SINCE.get(self.kind, 1), STATE_VERSION + 1):
+            why = (f"its loader state has version {state.get('version')!r}, and the {self.kind} loader replays "
+                   f"versions {REPLAYS_SINCE.get(self.kind, 1)} to {STATE_VERSION}")
         elif state.get("kind") != self.kind:
             why = (f"it was made by the {state.get('kind')} loader, whose sample order the {self.kind} loader "
                    "cannot replay")

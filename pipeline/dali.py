@@ -71,8 +71,8 @@ from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .augment import dali_auto_augment, dali_random_erase
-from .common import (MEAN, STD, Position, epoch_plan, first_world, label_outside, load_split, normalise,
-                     rank_batches, read_label, split_rest, torch_dtype, windowed_order)
+from .common import (MEAN, STD, Position, epoch_order, label_outside, load_split, mix_seed, normalise,
+                     rank_batches, read_label, seeded_plan, split_rest, torch_dtype)
 from .config import DataConfig
 from .manifest import ManifestError, read_index
 
@@ -96,14 +96,6 @@ def decoder_args(cfg: DataConfig, decode: str, train: bool) -> dict:
     return dict(device="mixed", hw_decoder_load=cfg.hw_decoder_load, device_memory_padding=DEVICE_MEMORY_PADDING,
                 host_memory_padding=HOST_MEMORY_PADDING, preallocate_width_hint=PREALLOCATE_WIDTH,
                 preallocate_height_hint=PREALLOCATE_HEIGHT)
-
-
-def _seed(*parts: int) -> int:
-    """Deterministic 31-bit seed from integers (DALI takes a non-negative int)."""
-    s = 0x9E3779B9
-    for p in parts:
-        s = (s * 1_000_003 + int(p) + 1) % (2**31 - 1)
-    return s
 
 
 @pipeline_def(enable_conditionals=True)  # nvidia.dali.auto_aug picks operations with `if`
@@ -333,8 +325,8 @@ class DaliLoader:
             epoch = int(state["epoch"])
             trained = set(torch.as_tensor(state["consumed_all"]).tolist())
             rest = [i for i in range(self.split.num_samples) if i not in trained]
-            g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, len(trained)))
-            order = [rest[i] for i in torch.randperm(len(rest), generator=g).tolist()]
+            order = [rest[i] for i in epoch_order(len(rest), self.cfg.seed, epoch, train=True,
+                                                  salt=(len(trained),))[0]]
             self._elastic = (epoch, sorted(trained), split_rest(order, self.world, self.rank,
                                                                 self.cfg.batch_size, self.drop_last))
         return note
@@ -413,11 +405,11 @@ class DaliLoader:
             augment_gpu=self.gpu, out_type=self.out_type, size=size,
             resize_shorter=int(cfg.val_resolution / cfg.val_resize_ratio), cfg=cfg,
             shard_id=self.rank, num_shards=self.world,
-            reader_seed=_seed(cfg.seed, first, self.rank), order_seed=_seed(cfg.seed, first),
+            reader_seed=mix_seed(cfg.seed, first, self.rank), order_seed=mix_seed(cfg.seed, first),
             keys=self.keys or self.train, label_ext=self.manifest.label_ext, batch_size=cfg.batch_size,
             num_threads=max(1, cfg.workers),
             device_id=(self.device.index or 0) if self.gpu else None,
-            prefetch_queue_depth=cfg.prefetch, seed=_seed(cfg.seed, first, self.rank, 1),
+            prefetch_queue_depth=cfg.prefetch, seed=mix_seed(cfg.seed, first, self.rank, 1),
             enable_checkpointing=self.train, checkpoint=checkpoint or None, **executor_args(self.gpu))
         pipe.build()
         names = self._names(self.keys or self.train)
@@ -429,11 +421,11 @@ class DaliLoader:
         self._built_resolution = size
 
     def _stream_plan(self, epoch: int, segments: list) -> tuple[list[list[int]], list[list[int]]]:
-        """This rank's batches of a streamed epoch (common.windowed_order, split by epoch_plan as the torch
-        loader does) and the epoch's windows (shard numbers)."""
-        seed = _seed(self.cfg.seed, epoch) if self.train else None
-        order, windows = windowed_order(*self.stream.windows, first_world(segments, self.world), seed)
-        return epoch_plan(order, self.world, self.rank, self.cfg.batch_size, self.drop_last, segments), windows
+        """This rank's batches of a streamed epoch and the epoch's windows (shard numbers), as the torch loader
+        plans them."""
+        return seeded_plan(self.split.num_samples, self.cfg.seed, epoch, train=self.train, world=self.world,
+                           rank=self.rank, batch=self.cfg.batch_size, drop_last=self.drop_last, segments=segments,
+                           windows=self.stream.windows)
 
     def _stream_epoch(self):
         """An epoch of a data set larger than the cache. DALI's readers open their files when the pipeline is
@@ -511,10 +503,10 @@ class DaliLoader:
             pipe = _graph(
                 tars, indexes, train=self.train, decode=self.decode, augment_gpu=self.gpu, out_type=self.out_type,
                 size=self.resolution, resize_shorter=int(cfg.val_resolution / cfg.val_resize_ratio), cfg=cfg,
-                shard_id=0, num_shards=1, reader_seed=_seed(*seeds, 2), order_seed=0,
+                shard_id=0, num_shards=1, reader_seed=mix_seed(*seeds, 2), order_seed=0,
                 keys=True, label_ext=self.manifest.label_ext, one_epoch=True, batch_size=cfg.batch_size,
                 num_threads=max(1, cfg.workers), device_id=(self.device.index or 0) if self.gpu else None,
-                prefetch_queue_depth=cfg.prefetch, seed=_seed(*seeds, 3),
+                prefetch_queue_depth=cfg.prefetch, seed=mix_seed(*seeds, 3),
                 **executor_args(self.gpu))
             pipe.build()  # reads the index files now
         self._pipe = pipe

@@ -64,6 +64,25 @@ def _join(base: str, rel: str) -> str:
     return "/".join(parts)
 
 
+def _locked(path: Path, flags: int):
+    """`path` opened (created if missing) and flock'ed with `flags`; the open file, whose closing releases the lock.
+    The per-tar lock and pin files are deleted when their tar is evicted (ShardCache._evict), so a process may
+    open one just before it is deleted and then lock that deleted file, which no other process can see: such a
+    lock is dropped and taken again on the file now at `path`. With LOCK_NB, BlockingIOError when it is held."""
+    while True:
+        f = open(path, "a")
+        try:
+            fcntl.flock(f, flags)
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                return f
+        except FileNotFoundError:  # deleted after this open: lock the next one
+            pass
+        except BaseException:
+            f.close()
+            raise
+        f.close()
+
+
 def victims(resident: dict[str, int], need: int, limit: int, upcoming: list[str], recent: list[str]) -> list[str]:
     """Resident shards (name -> bytes) to delete so `need` more bytes fit in `limit`. First those not in
     `upcoming` (the rest of the order), the most recently used first (`recent`: oldest use first); then the
@@ -153,8 +172,7 @@ class ShardCache:
             self._used(name)
             return path
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / f".{name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another rank of this node may be fetching it
+        with _locked(self.dir / f".{name}.lock", fcntl.LOCK_EX):  # another rank of this node may be fetching it
             if not path.is_file():
                 self._retry(lambda: self._download(_join(self.base, spec["remote"]), path, spec), spec["remote"])
         self._used(name)
@@ -195,34 +213,41 @@ class ShardCache:
         return out
 
     # -------------------------------------------------------------------------------- readers
-    def _make_room(self, need: int, rest: list[str], pending: dict, specs: dict, keep=frozenset(),
-                   reserve: str | None = None) -> bool:
-        """Evict (by `victims`) until `need` more bytes fit the limit beside the index files, the downloads in
-        flight (this object's `pending`, and every reservation in the folder) and the tars in `keep`; False when
-        that is not possible now. A tar pinned by a reader of this node (Feeder) is never evicted. `reserve`: the
-        tar the room is for, marked as on its way (`_want`) before the folder's lock is released, so ranks of
-        this node sharing the cache decide one at a time and never both spend the same free bytes."""
-        if not self.limit:
-            return True
+    def _admit(self, names: list[str], rest: list[str], pending: dict, specs: dict, keep=frozenset(),
+               pin=lambda names: None) -> list[str] | None:
+        """Room for every tar of one batch (`names`), decided at once under the folder's `.room.lock`: the bytes
+        of all its tars not in the cache and not already on their way (this object's `pending`, or marked by
+        another process of this node: `_wanted`) are made to fit the limit beside the index files, the
+        downloads in flight and the tars in `keep`, evicting by `victims` (`rest`: the tars in order of next
+        use). Then, still under the lock, its missing tars are marked as on their way (`_want`) and `pin` is
+        called with its resident ones, so ranks of this node sharing the cache decide one at a time, never both
+        spend the same free bytes, and nothing admitted can be evicted afterwards (evictions run under this lock
+        and need a tar's pin exclusively; a resident tar another process still marks as wanted is not evicted
+        either: it was admitted for that process, which pins it once its download ends). Returns the tars to
+        fetch, or None, with nothing marked or pinned, when the room is not there now. A tar pinned by a reader
+        of this node (Feeder) is never evicted."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / ".room.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             resident = self._resident()
             coming = self._wanted() | {n for n, f in pending.items() if not f.done()}
-            if reserve in coming:  # another rank is fetching it: no new bytes
-                need = 0
-            in_flight = sum(specs[n]["bytes"] or 0 for n in coming - resident.keys() - {reserve})
-            kept = sum(resident.pop(n) for n in list(resident) if n in keep)
-            limit = self.limit - kept - self._index_bytes()
-            drop = victims(resident, need + in_flight, limit, rest, self._recent)
-            if sum(resident.values()) - sum(resident[n] for n in drop) + in_flight + need > limit:
-                return False
-            for n in drop:
-                if not self._evict(n):
-                    return False
-            if reserve is not None:
-                self._want(reserve).touch()
-            return True
+            have = [n for n in names if n in resident]
+            fetch = [n for n in names if n not in resident and n not in pending]
+            if self.limit:
+                need = sum(specs[n]["bytes"] or 0 for n in fetch if n not in coming)
+                in_flight = sum(specs[n]["bytes"] or 0 for n in coming - resident.keys())
+                kept = sum(resident.pop(n) for n in list(resident) if n in keep or n in names or n in coming)
+                limit = self.limit - kept - self._index_bytes()
+                drop = victims(resident, need + in_flight, limit, rest, self._recent)
+                if sum(resident.values()) - sum(resident[n] for n in drop) + in_flight + need > limit:
+                    return None
+                for n in drop:
+                    if not self._evict(n):
+                        return None
+            for n in fetch:
+                self._want(n).touch()
+            pin(have)
+            return fetch
 
     def _want(self, name: str) -> Path:
         """The mark of a download this object has room for (removed by `_unwant` when it ends)."""
@@ -251,13 +276,25 @@ class ShardCache:
         return sum(self._resident(".idx").values())
 
     def _evict(self, name: str) -> bool:
-        """Delete a cached tar unless a reader of this node has pinned it (Feeder: a shared flock on its .pin)."""
-        with open(self.dir / f".{name}.pin", "a") as pin:
-            try:
-                fcntl.flock(pin, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
+        """Delete a cached tar unless a reader of this node has pinned it (Feeder: a shared flock on its .pin), and
+        with it its pin file and download lock file (left behind, they added up to a pair per tar ever fetched).
+        Each is deleted while this holds its lock exclusively, so no reader holds that pin and no fetch that
+        lock; whoever opened it meanwhile locks the next one (`_locked`). A lock file a fetch holds is left to it.
+        Called under the folder's .room.lock, so evictions on the node run one at a time."""
+        pin_path, lock_path = self.dir / f".{name}.pin", self.dir / f".{name}.lock"
+        try:
+            pin = _locked(pin_path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        with pin:
             (self.dir / name).unlink(missing_ok=True)
+            pin_path.unlink()
+            if lock_path.exists():
+                try:
+                    with _locked(lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                        lock_path.unlink()
+                except BlockingIOError:  # another rank is fetching it again: its lock stays until the next eviction
+                    pass
         return True
 
     def fits(self) -> bool:
@@ -314,10 +351,11 @@ class Feeder:
 
     `needs[k]`: the local tar names batch k of this iteration reads. `ready(k)` is called once batches [0, k)
     have every tar in the cache (`ready(-1)`: failed, the exception is in `error`); the reader sets `consumed`
-    to the number of batches it has received. Tars of batches [consumed, scheduled] are kept (never evicted)
-    and pinned (a shared flock on `.<name>.pin`, so other ranks of this node sharing the cache do not evict
-    them either); fetching runs ahead until the limit leaves no room, evicting by `victims` (first tars not
-    needed again this epoch, most recently used first; then the one needed farthest ahead). `check(name)` runs
+    to the number of batches it has received. Tars of the batches admitted and not yet received, [consumed,
+    scheduled), are kept (never evicted) and pinned (a shared flock on `.<name>.pin`, so other ranks of this node
+    sharing the cache do not evict them either); batches are admitted whole, ahead until the limit leaves no
+    room, evicting by `victims` (first tars not needed again this epoch, most recently used first; then the one
+    needed farthest ahead); see `_loop` for why ranks sharing a cache cannot deadlock. `check(name)` runs
     once per tar that arrives (the loader's proof that index and tar agree)."""
 
     def __init__(self, cache: ShardCache, needs: list[list[str]], ready, check=None):
@@ -365,13 +403,12 @@ class Feeder:
         span[:] = lo, max(hi, span[1])
         return {n for n, c in held.items() if c > 0}
 
-    def _pin(self, names: set) -> None:
-        for n in [n for n in self._pins if n not in names]:
+    def _pin(self, names, drop: bool = True) -> None:
+        """Hold a pin on each tar in `names`; with `drop`, release those on any other tar."""
+        for n in [n for n in self._pins if drop and n not in names]:
             self._pins.pop(n).close()  # closing the file releases its flock
-        for n in names - self._pins.keys():
-            f = open(self.cache.dir / f".{n}.pin", "a")
-            fcntl.flock(f, fcntl.LOCK_SH)
-            self._pins[n] = f
+        for n in set(names) - self._pins.keys():
+            self._pins[n] = _locked(self.cache.dir / f".{n}.pin", fcntl.LOCK_SH)
 
     def _feed(self) -> None:
         self.cache.dir.mkdir(parents=True, exist_ok=True)
@@ -385,31 +422,41 @@ class Feeder:
                 self.cache._unwant(n)
 
     def _loop(self, pool, pending: dict, specs: dict) -> None:
+        """Batches are admitted in order, each whole (ShardCache._admit: room for all its missing tars, its
+        resident ones pinned, under one lock) or not at all; the tars of the admitted batches the reader has not
+        consumed, [now, scheduled), are pinned, never those of the batch being tried.
+
+        Why ranks sharing the cache cannot deadlock: an admitted batch completes without anything from another
+        rank (its bytes were made to fit and nothing of it can be evicted). A Feeder that fails admission holds
+        pins only for batches its reader is still to consume, and releases them as the reader moves on. So two
+        Feeders waiting while their readers have caught up hold no pins and no reservations, and the first to
+        take the lock can evict everything unpinned, which fits one batch (else `_too_big` raises with what
+        to do). Before batches were admitted whole, a Feeder pinned the tried batch's resident tars and
+        reserved its missing ones one at a time; two ranks each holding part of a batch waited on each other
+        for ever (2 runs in 5 of test_two_ranks_share_the_cache_and_read_the_same_window hung)."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
         cache, needs = self.cache, self.needs
         ready = scheduled = 0  # batches [0, ready) are in the cache; [0, scheduled) are fetched or on their way
         while ready < len(needs) and not self._stop.is_set():
             progressed = False
+            now = min(self.consumed, ready)
+            self._pin(self._keep(now, scheduled))  # the admitted batches' tars, resident or on their way
+            # at most cache.workers downloads waiting: the bound on how far ahead batches are admitted
             while scheduled < len(needs) and len(pending) < cache.workers:
-                now = min(self.consumed, ready)
-                keep = self._keep(now, scheduled + 1)
-                self._pin(keep)  # before looking: a tar seen here stays until this reader moves on
-                new = [n for n in needs[scheduled] if n not in pending and not (cache.dir / n).is_file()]
+                keep = self._keep(now, scheduled)
                 resident = sorted((n for n in cache._resident() if self._next_use(n, now) is not None),
                                   key=lambda n: self._next_use(n, now))
-                room = True
-                for n in new:
-                    room = cache._make_room(specs[n]["bytes"] or 0, [n] + resident, pending, specs,
-                                            keep=keep | set(pending), reserve=n)
-                    if not room:
-                        break
-                    pending[n] = pool.submit(cache.fetch, n)
-                if not room:
+                fetch = cache._admit(needs[scheduled], needs[scheduled] + resident, pending, specs,
+                                     keep=keep | set(pending), pin=functools.partial(self._pin, drop=False))
+                if fetch is None:
                     if not pending and ready == scheduled == self.consumed:
                         self._too_big(needs[scheduled], specs)
                     break  # no room yet: retried once the reader has moved on
+                for n in fetch:
+                    pending[n] = pool.submit(cache.fetch, n)
                 scheduled += 1
+                self._pin(self._keep(now, scheduled))  # before a download ends and its _want mark goes
                 progressed = True
             for n in [n for n, f in pending.items() if f.done()]:
                 cache._unwant(n)

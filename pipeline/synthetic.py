@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from .common import Position, torch_dtype
+from .common import Position, mix_seed, torch_dtype
 from .config import DataConfig
 
 DEFAULT_BATCHES = 50  # per epoch when cfg.synthetic_samples == 0
@@ -34,7 +34,7 @@ class SyntheticLoader:
         self._make(cfg.resolution if train else cfg.val_resolution)
 
     def _make(self, px: int) -> None:
-        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed * 1000 + self.rank)
+        g = torch.Generator(device="cpu").manual_seed(mix_seed(self.cfg.seed, self.rank))
         n = self.cfg.batch_size
         # Made on the CPU with a seeded generator (same values on any device), copied once.
         images = torch.randn(n, 3, px, px, generator=g).to(self.device, self.dtype)

@@ -43,18 +43,11 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
 from .augment import torch_transforms
-from .common import (Position, epoch_plan, first_world, label_outside, load_split, normalise, num_batches,
-                     read_label, torch_dtype, windowed_order)
+from .common import (Position, label_outside, load_split, mix_seed, normalise, num_batches, read_label, seeded_plan,
+                     torch_dtype)
 from .config import DataConfig
 from .manifest import MANIFEST_NAME, ManifestError, read_index
 from .orphans import exit_with_parent
-
-
-def _seed(*parts: int) -> int:
-    s = 0x9E3779B9
-    for p in parts:
-        s = (s * 1_000_003 + int(p) + 1) % (2**63 - 1)
-    return s
 
 
 class ShardSource:
@@ -240,20 +233,11 @@ class _Batches(IterableDataset):
         self.ready = mp.Value("q", 0, lock=False)
         self.gen = mp.Value("q", 0, lock=False)
 
-    def order(self, epoch: int, world: int) -> list[int]:
-        """The epoch's sample order, the same on every rank: a function of (seed, epoch) for training. Streamed
-        data: windows of shards (common.windowed_order), dealt to the `world` ranks that began the epoch."""
-        n = len(self.source)
-        seed = _seed(self.cfg.seed, epoch) if self.train else None
-        if self.windows is not None:
-            return windowed_order(*self.windows, world, seed)[0]
-        if seed is None:
-            return list(range(n))
-        return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-
     def plan(self, epoch: int, segments=()) -> list[list[int]]:
-        return epoch_plan(self.order(epoch, first_world(segments, self.world)), self.world, self.rank,
-                          self.cfg.batch_size, self.train and self.cfg.drop_last, segments)
+        """This rank's batches of the epoch (common.seeded_plan: a function of (seed, epoch) for training)."""
+        return seeded_plan(len(self.source), self.cfg.seed, epoch, train=self.train, world=self.world, rank=self.rank,
+                           batch=self.cfg.batch_size, drop_last=self.train and self.cfg.drop_last, segments=segments,
+                           windows=self.windows)[0]
 
     def _wait(self, k: int, gen: int) -> bool:
         """Streamed data: wait until the Feeder has the tars of this iteration's batch k in the cache; False
@@ -297,7 +281,7 @@ class _Batches(IterableDataset):
             # The transforms draw from torch's global RNG. With workers=0 they run in the training process:
             # fork it, or seeding each batch would reset the trainer's RNG (and what its checkpoints save).
             with torch.random.fork_rng(devices=[], enabled=info is None):
-                torch.manual_seed(_seed(self.cfg.seed, epoch, self.rank, b, *([count] if count else [])))
+                torch.manual_seed(mix_seed(self.cfg.seed, epoch, self.rank, b, *([count] if count else [])))
                 images, labels = [], []
                 for i in idx:
                     img, label = (train_sample(self.source, i, px, self.cfg) if self.train else

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from imt.pipeline import build_loader
-from imt.pipeline.common import MEAN, STD, num_batches, rank_batches
+from imt.pipeline.common import MEAN, STD, mix_seed, num_batches, rank_batches, seeded_plan
 from imt.pipeline.config import DataConfig
 from imt.pipeline.manifest import ManifestError
 from imt.tools.make_synthetic import CLASSES
@@ -59,6 +59,27 @@ def test_rank_batches_exact_and_equal(n, world, batch, drop):
     assert len(seen) == len(set(seen))
     if not drop:
         assert sorted(seen) == list(range(n))
+
+
+def test_mix_seed_is_a_non_negative_int32_for_any_parts():
+    """DALI's seeds are int32: one helper serves DALI and torch, so its seeds must fit both."""
+    parts = [(), (0,), (3, 7), (7, 3), (2**40, 5, 1), (-1,), (12345, 99, 3, 4000, 2)]
+    seeds = [mix_seed(*p) for p in parts]
+    assert all(0 <= s < 2**31 - 1 for s in seeds) and len(set(seeds)) == len(seeds)
+    assert mix_seed(3, 7) == mix_seed(3, 7)
+
+
+def test_torch_loader_reads_the_shared_epoch_plan(synthetic_shards):
+    """The torch loader's batches are exactly common.seeded_plan's, a function of (seed, epoch) for training
+    and the stored order for validation: the one definition the DALI loader's streamed epochs use too."""
+    cfg = _cfg(synthetic_shards, batch_size=7)
+    for train, split, n in [(True, "train", 96), (False, "val", 32)]:
+        lo = _make("torch", cfg, split=split, rank=1, world=2, train=train)
+        lo.set_epoch(2)
+        plan, windows = seeded_plan(n, cfg.seed, 2, train=train, world=2, rank=1, batch=7, drop_last=False)
+        assert [list(b[2]) for b in lo] == [[lo.dataset.source.key(i) for i in b] for b in plan] and windows == []
+        other, _ = seeded_plan(n, cfg.seed, 3, train=train, world=2, rank=1, batch=7, drop_last=False)
+        assert (other != plan) == train  # training orders change with the epoch, validation's never
 
 
 def test_rank_batches_impossible_split_is_refused():

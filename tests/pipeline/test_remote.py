@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
 import random
 import threading
 import time
@@ -96,6 +97,78 @@ def http_shards(synthetic_shards):
 
 def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_evicting_a_tar_deletes_its_pin_and_lock_files_unless_a_reader_holds_them(tmp_path):
+    """The zero-byte .pin/.lock files of a tar go with it (they used to add up, one pair per tar ever fetched),
+    but never while a reader's pin holds the tar; a lock file a fetch holds stays."""
+    import fcntl
+
+    cache = ShardCache(str(tmp_path / "store"), tmp_path / "cache")
+    cache.dir.mkdir(parents=True)
+    tar, pin, lock = (cache.dir / n for n in ("a.tar", ".a.tar.pin", ".a.tar.lock"))
+    for f in (tar, pin, lock):
+        f.touch()
+    with remote._locked(pin, fcntl.LOCK_SH):  # a Feeder reading it
+        assert not cache._evict("a.tar") and tar.is_file() and pin.is_file() and lock.is_file()
+    assert cache._evict("a.tar") and not tar.exists() and not pin.exists() and not lock.exists()
+    for f in (tar, pin, lock):
+        f.touch()
+    with remote._locked(lock, fcntl.LOCK_EX):  # another rank's fetch
+        assert cache._evict("a.tar") and not tar.exists() and not pin.exists() and lock.is_file()
+
+
+def test_a_batch_is_admitted_whole_or_not_at_all(tmp_path):
+    """Two ranks' caches on one folder of 3 tars' room. A batch whose missing tars do not fit reserves and pins
+    nothing (it used to reserve its tars one at a time and pin its resident ones: two ranks each holding part
+    of a batch deadlocked); one that fits reserves all its missing tars and pins its resident ones before the
+    folder's lock is released, so the other rank cannot evict them to admit its own batch."""
+    import fcntl
+
+    ranks = [ShardCache(str(tmp_path / "store"), tmp_path / "cache", 300 / 2**30) for _ in range(2)]
+    folder = ranks[0].dir
+    folder.mkdir(parents=True)
+    specs = {f"{n}.tar": {"bytes": 100, "sha256": None} for n in "abcd"}
+    for n in ("a.tar", "b.tar"):
+        (folder / n).write_bytes(b"x" * 100)
+    pins = []
+
+    def pin(names):
+        pins.extend(remote._locked(folder / f".{n}.pin", fcntl.LOCK_SH) for n in names)
+
+    with remote._locked(folder / ".a.tar.pin", fcntl.LOCK_SH):  # a reader of the other rank holds a.tar
+        assert ranks[0]._admit(["b.tar", "c.tar", "d.tar"], ["b.tar", "c.tar", "d.tar"], {}, specs, pin=pin) is None
+        assert not pins and not list(folder.glob(".*.want*")) and (folder / "b.tar").is_file()
+        assert ranks[0]._admit(["b.tar", "c.tar"], ["b.tar", "c.tar"], {}, specs, pin=pin) == ["c.tar"]
+        assert len(pins) == 1 and [p.name for p in folder.glob(".*.want*")] == [ranks[0]._want("c.tar").name]
+        # the other rank: a.tar and b.tar pinned, c.tar on its way: no room for d.tar, nothing of it taken
+        assert ranks[1]._admit(["d.tar"], ["d.tar", "a.tar", "b.tar"], {}, specs) is None
+        assert (folder / "a.tar").is_file() and (folder / "b.tar").is_file() and len(list(folder.glob(".*.want*"))) == 1
+    ranks[0]._unwant("c.tar")
+    for f in pins:
+        f.close()
+
+
+def test_a_lock_on_a_file_deleted_meanwhile_is_taken_on_the_one_now_there(tmp_path, monkeypatch):
+    """A reader opens a pin file, an eviction deletes it before the reader's flock: the reader must end up
+    holding the file now at that path, or the next eviction would take the tar it reads."""
+    import fcntl
+
+    pin = tmp_path / ".a.tar.pin"
+    real, deleted = fcntl.flock, []
+
+    def flock(f, flags):
+        if not deleted:  # the eviction runs between this open and this lock
+            deleted.append(pin.stat().st_ino)
+            pin.unlink()
+        real(f, flags)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with remote._locked(pin, fcntl.LOCK_SH) as held:
+        monkeypatch.setattr(fcntl, "flock", real)
+        assert deleted and os.fstat(held.fileno()).st_ino == pin.stat().st_ino
+        with pytest.raises(BlockingIOError):  # the next eviction sees the pin
+            remote._locked(pin, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_http_shards_are_cached_verified_and_retried(http_shards, tmp_path, monkeypatch):

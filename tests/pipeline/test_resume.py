@@ -108,6 +108,23 @@ def test_another_kind_or_seed_restarts_the_epoch_with_a_reason(kind, synthetic_s
     assert len([b for b in reseeded]) == len(reseeded)
 
 
+@pytest.mark.parametrize("kind,replays", [("torch", False), ("folder", False), ("dali", True)])
+def test_a_state_from_before_the_31_bit_seeds_restarts_only_the_torch_loaders_epoch(kind, replays, synthetic_shards,
+                                                                                     synthetic_root):
+    """Version-1 states: the torch loaders' orders were seeded with 63 bits then, so their rest of the epoch would
+    be another one (samples trained twice, others never): the epoch restarts, saying why. DALI's is unchanged."""
+    cfg = _cfg(synthetic_root if kind == "folder" else synthetic_shards)
+    first = _make(kind, cfg)
+    first.set_epoch(0)
+    next(iter(first))
+    state = {**first.state_dict(), "version": 1}
+    note = _make(kind, cfg).load_state_dict(state)
+    if replays:
+        assert "epoch 1 continues at batch 2" in note
+    else:
+        assert "restarts from its beginning" in note and "version 1" in note, note
+
+
 @pytest.mark.parametrize("kind", ["dali", "torch"])
 @pytest.mark.parametrize("before,after", [(2, 3), (3, 1)])
 def test_elastic_loaders_train_the_rest_of_the_epoch_once(kind, before, after, synthetic_shards):
