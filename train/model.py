@@ -34,16 +34,14 @@ def build_model(arch: str, num_classes: int, *, zero_init_residual: bool = False
     kwargs = dict(kwargs or {})
     if arch in ("inception_v3", "googlenet"):
         kwargs.setdefault("init_weights", True)  # torchvision warns when left implicit
+    if not known_arch(arch):
+        raise ValueError(f"unknown model {arch!r}: use a name from torchvision.models.list_models(module="
+                         "torchvision.models), or timm:<name> with a name from timm.list_models()")
     try:
         if arch.startswith(TIMM):
             model = _build_timm(arch[len(TIMM):], num_classes, zero_init_residual, kwargs)
         else:
             model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
-    except ValueError as exc:
-        if known_arch(arch):
-            raise
-        raise ValueError(f"unknown model {arch!r}: use a name from torchvision.models.list_models(module="
-                         "torchvision.models), or timm:<name> with a name from timm.list_models()") from exc
     except TypeError as exc:  # a keyword the constructor does not take
         raise ValueError(f"model.kwargs {kwargs} do not fit {arch}: {exc}. Give only its constructor's arguments "
                          "(--set 'model.kwargs={}' clears a recipe's)") from exc
@@ -58,8 +56,6 @@ def _build_timm(name: str, num_classes: int, zero_init_residual: bool, kwargs: d
     zero_init_last=False to the models that take it."""
     import timm
 
-    if not timm.is_model(name):
-        raise ValueError(f"timm has no model {name!r}")
     if not zero_init_residual and "zero_init_last" not in kwargs:
         try:
             return timm.create_model(name, pretrained=False, num_classes=num_classes, zero_init_last=False, **kwargs)

@@ -79,8 +79,8 @@ class Checkpoint:
 
     def bundle(self) -> dict[str, Any]:
         """The inference fields alone (what imt-export writes as model.pt)."""
-        return {k: getattr(self, k) for k in ("model", "arch", "model_kwargs", "classes", "resolution", "resize_ratio",
-                                        "mean", "std")}
+        return {k: getattr(self, k)
+                for k in ("model", "arch", "model_kwargs", "classes", "resolution", "resize_ratio", "mean", "std")}
 
     def meta(self) -> dict[str, Any]:
         """What export, predict and --pretrained report and use besides the weights."""
@@ -119,8 +119,7 @@ class TrainState:
         if not ckpt.is_training:
             raise CheckpointError(f"{path} holds weights only (an export or a state dict), not a training run "
                                   "to continue: start from it with --pretrained instead of --resume")
-        check_compatible({"arch": ckpt.arch, "model_kwargs": ckpt.model_kwargs, "classes": ckpt.classes}, cfg.model.arch,
-                         classes, str(path), kwargs=cfg.model.kwargs)
+        check_compatible(ckpt.to_dict(), cfg.model.arch, classes, str(path), kwargs=cfg.model.kwargs)
         saved = ckpt.config.get("optim", {}).get("optimizer", "sgd")  # its state means nothing to another one
         if saved != cfg.optim.optimizer:
             raise CheckpointError(f"{path} was trained with optim.optimizer={saved}, this run asks for "
