@@ -28,7 +28,7 @@ import click
 import torch
 
 from imt.train.cli import CONTEXT
-from imt.train.config import ConfigError, load_config, parse_override
+from imt.train.config import ConfigError, load_config, parse_override, usable_cores
 from imt.train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,8 +75,7 @@ def default_nproc() -> int:
     parallel region for the one its loader worker has preempted; a one-thread rank has nothing to wait for."""
     if torch.cuda.is_available():
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(2, cores))
+    return max(1, min(2, usable_cores()))
 
 
 def budget_check(wall_s: float, top1: float, budget_min: float = BUDGET_MIN,

@@ -364,12 +364,18 @@ def resolve(cfg: Config, device: "torch.device") -> Config:  # noqa: F821
                    data=replace(cfg.data, dtype=dtype, drop_last=drop_last), run=run)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, as taskset and Slurm set it)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def auto_threads(data: DataConfig) -> int:
     """run.threads=0: this rank's share of the usable cores (torchrun's LOCAL_WORLD_SIZE ranks per node) minus the
     loader's workers (DALI threads or DataLoader processes, which decode on those cores), at least 1; the
     synthetic loader uses no cores, so it leaves them all."""
     import os
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    share = max(1, usable // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    share = max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     return share if data.loader == "synthetic" else max(1, share - max(0, data.workers))

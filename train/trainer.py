@@ -18,7 +18,7 @@ from imt.pipeline.common import combine_states
 from imt.train import dist
 from imt.train.checkpoint import CheckpointDir, CheckpointError, StopFlag, find_resume, list_checkpoints, \
     load_checkpoint, rng_state
-from imt.train.config import Config, ConfigError, resolve
+from imt.train.config import Config, ConfigError, resolve, usable_cores
 from imt.train.evaluate import EvalResult, evaluate, save_report
 from imt.train.loop import NonFiniteLoss, train_one_epoch
 from imt.train.mix import build_mix
@@ -211,6 +211,10 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
               f"| peak lr {schedule.peak:.4g} | out {out}")
     for line in [*notes, describe_schedule(cfg, steps, schedule.peak)]:
         say.write(line)
+    if device.type == "cpu" and info.world_size == 1 and (cores := usable_cores()) > 1:
+        say.write(f"note: one process on {cores} CPU cores; one rank per core, each of one thread, trained at 1.7x "
+                  f"the img/s on a 2-core machine (benchmarks/RESULTS.md): torchrun --standalone --nproc_per_node "
+                  f"{cores} -m imt.train.run ... (the global batch becomes ranks x data.batch_size)")
 
     def checkpoint(epoch: int, step: int, is_best: bool = False, mid_epoch: bool = False) -> Path | None:
         """`epoch`: epochs completed (what resume counts from); the file is named after the epoch as the screen

@@ -364,6 +364,18 @@ def test_the_schedule_is_fitted_to_the_run_and_printed_once(tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["warmup_epochs"] == 1
 
 
+def test_one_cpu_process_on_several_cores_is_told_about_one_rank_per_core(tmp_path, capsys, monkeypatch):
+    """One process on a multi-core CPU machine hears once how to run a rank per core; a one-core machine does not."""
+    import imt.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "usable_cores", lambda: 2)
+    train(_cfg(tmp_path, **{"run.epochs": 1}))
+    assert capsys.readouterr().out.count("torchrun --standalone --nproc_per_node 2 -m imt.train.run") == 1
+    monkeypatch.setattr(trainer, "usable_cores", lambda: 1)
+    train(_cfg(tmp_path, "one", **{"run.epochs": 1}))
+    assert "nproc_per_node" not in capsys.readouterr().out
+
+
 def test_lamb_with_accumulation_clipping_and_mixing_trains_and_resume_keeps_its_optimizer(tmp_path, capsys,
                                                                                            monkeypatch):
     import imt.train.trainer as run_mod  # the epoch driver calls train_one_epoch
