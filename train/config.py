@@ -324,11 +324,25 @@ def validate(cfg: Config) -> None:
                                "torchvision.models.list_models(module=torchvision.models)) nor timm:<name> with a "
                                "name from timm.list_models() (e.g. timm:resnet18)")
     if fixed := fixed_input_size(m.arch):
-        ramp = {r.start_res, r.end_res or d.resolution} if r.start_res else set()
-        used = sorted({d.resolution, d.val_resolution} | ramp)
-        _check(used == [fixed], f"model.arch={m.arch} takes {fixed}x{fixed} px images only (torchvision builds it "
-                                f"for that size), but this run uses {', '.join(map(str, used))} px: pass "
-                                f"--resolution {fixed} and no progressive resizing (run.start_res=0)")
+        check_input_size(cfg, fixed, "torchvision builds it for that size")
+
+
+def used_resolutions(cfg: Config) -> list[int]:
+    """Every image size a run feeds the model: training (with the progressive ramp's ends) and validation."""
+    d, r = cfg.data, cfg.run
+    ramp = {r.start_res, r.end_res or d.resolution} if r.start_res else set()
+    return sorted({d.resolution, d.val_resolution} | ramp)
+
+
+def check_input_size(cfg: Config, fixed: int | tuple[int, int], why: str, other: str = "") -> None:
+    """ConfigError unless every size the run uses is `fixed`, the one size the model takes (`why`; `other`: a
+    further way out, after the resolution one)."""
+    h, w = (fixed, fixed) if isinstance(fixed, int) else fixed
+    used = used_resolutions(cfg)
+    fix = (f"pass --resolution {h} and no progressive resizing (run.start_res=0)" if h == w
+           else "this trainer feeds square images")
+    _check(used == [h] and h == w, f"model.arch={cfg.model.arch} takes {h}x{w} px images only ({why}), but this "
+                                   f"run uses {', '.join(map(str, used))} px: {fix}{other}")
 
 
 def cuda_bf16_native(device: "torch.device") -> bool:  # noqa: F821

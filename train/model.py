@@ -74,6 +74,18 @@ def fixed_input_size(arch: str) -> int | None:
     return 224 if arch.startswith(("vit_", "maxvit_")) else None
 
 
+def built_input_size(model: nn.Module) -> int | tuple[int, int] | None:
+    """The one input size a built model takes: timm's patch-embedding models (ViT, DeiT, BEiT, EVA, Swin, ...)
+    check it at every forward (PatchEmbed.strict_img_size; `dynamic_img_size=True` turns that off). An int for
+    a square size. None: any size works (or the model is not built on timm's PatchEmbed)."""
+    for m in model.modules():
+        size = getattr(m, "img_size", None)
+        if getattr(m, "strict_img_size", False) and size is not None:
+            h, w = (size, size) if isinstance(size, int) else tuple(size)
+            return h if h == w else (h, w)
+    return None
+
+
 def zero_init_last_bn(model: nn.Module) -> int:
     """Zero the last BN gamma of each ResNet-style block so each residual branch starts as the identity
     (Goyal et al. 2017): torchvision's BasicBlock/Bottleneck, and timm's blocks through their own

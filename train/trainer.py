@@ -18,11 +18,11 @@ from imt.pipeline.common import combine_states
 from imt.train import dist
 from imt.train.checkpoint import CheckpointDir, CheckpointError, StopFlag, find_resume, list_checkpoints, \
     load_checkpoint, rng_state
-from imt.train.config import Config, ConfigError, resolve, usable_cores
+from imt.train.config import Config, ConfigError, check_input_size, resolve, usable_cores
 from imt.train.evaluate import EvalResult, evaluate, save_report
 from imt.train.loop import NonFiniteLoss, train_one_epoch
 from imt.train.mix import build_mix
-from imt.train.model import build_model, build_step_parts, compile_model, prepare, unwrap
+from imt.train.model import build_model, build_step_parts, built_input_size, compile_model, prepare, unwrap
 from imt.train.monitor import MetricsLog, Progress, data_wait_note
 from imt.train.preflight import verify_data
 from imt.train.runlock import locked_run
@@ -164,6 +164,9 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
 
     model = build_model(cfg.model.arch, len(classes), zero_init_residual=cfg.model.zero_init_residual,
                         kwargs=cfg.model.kwargs)
+    if fixed := built_input_size(model):  # before any step: timm would only fail at the first forward
+        check_input_size(cfg, fixed, "timm builds its position embeddings for that size",
+                         ", or --set 'model.kwargs={dynamic_img_size: true}' where the model supports it")
     heads: list[str] = []
     if cfg.model.pretrained:
         from imt.train.transfer import setup_finetune

@@ -417,3 +417,18 @@ def test_cli_tune_overlay_threads_and_first_epoch_data_wait_note(tmp_path, monke
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["prefetch"] == 3 and cfg["data"]["batch_size"] == 8 and cfg["run"]["threads"] == 1
     assert r.output.count("imt-tune") == 1  # after the first epoch only
+
+
+def test_a_timm_model_built_for_one_size_is_refused_before_training_unless_it_fits(tmp_path):
+    """timm's ViTs check the input size at every forward: a run at other sizes stops at start with the fixes,
+    and runs when the size fits or the model takes any size (dynamic_img_size)."""
+    vit = {"model.arch": "timm:vit_tiny_patch16_224", "run.epochs": 1, "data.synthetic_samples": 8,
+           "data.batch_size": 4, "model.zero_init_residual": False}
+    small = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    from imt.train.config import ConfigError
+    with pytest.raises(ConfigError, match=r"takes 48x48 px images only .*run uses 32 px: pass --resolution 48.*"
+                                          r"dynamic_img_size: true"):
+        train(_cfg(tmp_path, "wrong", **vit, **{"model.kwargs": {**small, "img_size": 48}}))
+    assert not list((tmp_path / "wrong").glob("checkpoints/*.pt"))
+    for name, kwargs in (("fits", {"img_size": 32}), ("dynamic", {"img_size": 48, "dynamic_img_size": True})):
+        assert train(_cfg(tmp_path, name, **vit, **{"model.kwargs": {**small, **kwargs}}))["final"] is not None
