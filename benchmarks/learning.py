@@ -69,10 +69,10 @@ def run(data: Path = IMAGENETTE, recipe: str | Path | None = RECIPE, overrides: 
 
 
 def default_nproc() -> int:
-    """One rank per core on a CPU-only machine, up to 2; one otherwise. On the 2-core budget machine two ranks of
-    one torch thread each (recipes/cpu_small.yaml: batch 16 per rank) trained at 1.7x the img/s of one rank with
-    two threads (133 against 80 img/s at 96 px, 2026-12-02, benchmarks/RESULTS.md): a rank's OpenMP threads wait at every
-    parallel region for the one its loader worker has preempted; a one-thread rank has nothing to wait for."""
+    """One rank per core on a CPU-only machine, up to 2; one otherwise. On the 2-core budget machine two ranks
+    of one torch thread each (recipes/cpu_small.yaml: batch 16 per rank) trained at 1.7x the img/s of one rank
+    with two threads (133 against 80 img/s at 96 px, 2026-12-02, benchmarks/RESULTS.md): a rank's OpenMP threads
+    wait at every parallel region for the one its loader worker has preempted; a one-thread rank has none."""
     if torch.cuda.is_available():
         return 1
     return max(1, min(2, usable_cores()))
@@ -112,7 +112,8 @@ def report(s: dict, cmd: str, budget_min: float, target_top1: float) -> str:
 ## Learning check: {m['arch']}{f" ({m['kwargs']})" if m.get('kwargs') else ""} from scratch on Imagenette, \
 {datetime.date.today()}
 Machine: {"GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU machine"}, \
-{os.cpu_count()} cores (load average {load:.1f} at the end), {s['nproc']} rank(s) of {r['threads']} torch thread(s), {c['precision']['dtype']}.
+{os.cpu_count()} cores (load average {load:.1f} at the end), {s['nproc']} rank(s) of {r['threads']} torch thread(s), \
+{c['precision']['dtype']}.
 {d['loader']} loader ({d['workers']} workers per rank), batch {d['batch_size']} per rank, {o['optimizer']} peak lr
 {o['lr'] * d['batch_size'] * s['nproc'] / 256:.3g} ({o['lr']:g} per 256), {o['warmup_epochs']:g} warm-up epoch(s) then \
 {o['schedule']}, label smoothing {o['label_smoothing']:g}, weight decay {o['weight_decay']:g}, \

@@ -3,7 +3,7 @@ labeled subset, against training from scratch on that subset at the same budget 
 batch, images seen; only the initial weights differ). Runs the real trainer and recipes/finetune.yaml.
 
     python -m imt.benchmarks.transfer                   # ../shared/data/imagenette-224, ResNet-18, 64 px, CPU
-    python -m imt.benchmarks.transfer --per-class 50 --seed 0 --pretrain-epochs 10 --finetune-epochs 30  # a longer budget
+    python -m imt.benchmarks.transfer --per-class 50 --seed 0 --pretrain-epochs 10 --finetune-epochs 30
     python -m imt.benchmarks.transfer --pretrained work/transfer/runs/pretrain/checkpoints/best.pt  # skip pretraining
     # a recipe setting tried on both sides, on the pair the target compares only:
     python -m imt.benchmarks.transfer --per-class 50 --run finetune-full --run scratch --set optim.ema_decay=0.99
