@@ -403,7 +403,7 @@ class Feeder:
                 when.setdefault(n, []).append(k)
         self._when = when
         self._held, self._span = collections.Counter(), [0, 0]  # tars of batches [span[0], span[1]), counted
-        self._quota = cache.quota()
+        self._quota, self._index = cache.quota(), cache.index_bytes()  # once: shards() is rebuilt per call
         self._thread = threading.Thread(target=self._run, name="imt-shard-feeder", daemon=True)
         self._thread.start()
 
@@ -522,8 +522,7 @@ class Feeder:
     def _too_big(self, names: list[str], specs: dict) -> None:
         """Raise when one batch's tars cannot fit the limit beside the index files, with the limit at which the
         node's ranks cannot wait on each other (each batch within ShardCache.quota: see `_loop`)."""
-        need, cache = sum(specs[n]["bytes"] or 0 for n in names), self.cache
-        idx = cache.index_bytes()
+        need, cache, idx = sum(specs[n]["bytes"] or 0 for n in names), self.cache, self._index
         if cache.limit and need > cache.limit - idx:
             at_least = max(0.01, math.ceil((idx + cache.ranks * need) / 2**30 * 100) / 100)
             raise ManifestError(
