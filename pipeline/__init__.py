@@ -28,7 +28,8 @@ def build_loader(cfg: DataConfig, split: str, dist: "DistInfo", *, train: bool) 
     cache = None
     if cfg.loader in ("dali", "torch"):  # shards on object storage or a web server: read a local copy
         from .remote import open_remote
-        path, cache = open_remote(cfg)  # cache: a data set larger than data.cache_limit, streamed through it
+        # cache: a data set larger than data.cache_limit, streamed through it (shared by this node's ranks)
+        path, cache = open_remote(cfg, dist.local_world_size)
         cfg = replace(cfg, path=path)
     if cfg.loader == "dali":
         from .dali import DaliLoader

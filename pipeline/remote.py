@@ -35,6 +35,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -109,7 +110,7 @@ class ShardCache:
     """The shard folder at `url`, mirrored on demand into `cache_dir` (see the module's docstring)."""
 
     def __init__(self, url: str, cache_dir: str | Path = "", limit_gib: float = 0.0, *, workers: int = 4,
-                 retries: int = RETRIES):
+                 retries: int = RETRIES, ranks: int = 1):
         import fsspec
 
         self.url = url.rstrip("/")
@@ -121,6 +122,7 @@ class ShardCache:
         self.dir = Path(cache_dir or DEFAULT_CACHE) / hashlib.sha256(self.url.encode()).hexdigest()[:16]
         self.limit = int(limit_gib * 2**30)
         self.workers, self.retries = workers, retries
+        self.ranks = max(1, ranks)  # processes of this node sharing the folder (torchrun's LOCAL_WORLD_SIZE)
         self.fetches = 0  # downloads done (tests, logs)
         self._recent: list[str] = []
         self._manifest: dict | None = None
@@ -225,7 +227,9 @@ class ShardCache:
         and need a tar's pin exclusively; a resident tar another process still marks as wanted is not evicted
         either: it was admitted for that process, which pins it once its download ends). Returns the tars to
         fetch, or None, with nothing marked or pinned, when the room is not there now. A tar pinned by a reader
-        of this node (Feeder) is never evicted."""
+        of this node (Feeder) is never evicted, nor chosen as a victim: unpinned ones are evicted in its place
+        (else one rank's pins on the tars `victims` ranks first could refuse another rank room that unpinned
+        tars held, for as long as the first waits for the second: see Feeder._loop)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / ".room.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -238,9 +242,15 @@ class ShardCache:
                 in_flight = sum(specs[n]["bytes"] or 0 for n in coming - resident.keys())
                 kept = sum(resident.pop(n) for n in list(resident) if n in keep or n in names or n in coming)
                 limit = self.limit - kept - self._index_bytes()
-                drop = victims(resident, need + in_flight, limit, rest, self._recent)
-                if sum(resident.values()) - sum(resident[n] for n in drop) + in_flight + need > limit:
-                    return None
+                while True:  # victims another reader of this node has pinned are kept, and others chosen
+                    drop = victims(resident, need + in_flight, limit, rest, self._recent)
+                    if sum(resident.values()) - sum(resident[n] for n in drop) + in_flight + need > limit:
+                        return None
+                    held = [n for n in drop if self._pinned(n)]
+                    if not held:
+                        break
+                    for n in held:
+                        limit -= resident.pop(n)
                 for n in drop:
                     if not self._evict(n):
                         return None
@@ -275,6 +285,20 @@ class ShardCache:
     def _index_bytes(self) -> int:
         return sum(self._resident(".idx").values())
 
+    def _pinned(self, name: str) -> bool:
+        """A reader of this node holds a pin on cached tar `name` (Feeder._pin). Called under the folder's
+        .room.lock, where no pin file is deleted (`_evict`) and no unprotected tar gets a pin."""
+        try:
+            f = open(self.dir / f".{name}.pin")
+        except FileNotFoundError:
+            return False
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released as `f` closes
+            except BlockingIOError:
+                return True
+        return False
+
     def _evict(self, name: str) -> bool:
         """Delete a cached tar unless a reader of this node has pinned it (Feeder: a shared flock on its .pin), and
         with it its pin file and download lock file (left behind, they added up to a pair per tar ever fetched).
@@ -301,11 +325,19 @@ class ShardCache:
         """Every tar and index of the data set fits data.cache_limit (then `stage` copies it whole)."""
         return not self.limit or sum(s["bytes"] or 0 for s in self.shards().values()) <= self.limit
 
+    def index_bytes(self) -> int:
+        """The bytes of the data set's index files (all staged, and never evicted, while it is streamed)."""
+        return sum(s["bytes"] or 0 for n, s in self.shards().items() if n.endswith(".idx"))
+
     def window_bytes(self) -> int:
         """The bytes of tars per window of common.windowed_order: half of what the limit leaves beside the
         index files, so the next window is fetched while this one is read."""
-        idx = sum(s["bytes"] or 0 for n, s in self.shards().items() if n.endswith(".idx"))
-        return max(1, (self.limit - idx) // 2)
+        return max(1, (self.limit - self.index_bytes()) // 2)
+
+    def quota(self) -> int:
+        """The bytes of tars each of the node's `ranks` readers may hold admitted and not yet read (Feeder._loop):
+        an equal share of what the limit leaves beside the index files; 0 without a limit."""
+        return max(0, self.limit - self.index_bytes()) // self.ranks if self.limit else 0
 
     def stage(self, tars: bool = True) -> Path:
         """A local shard folder for the loaders: every index and (`tars`) every tar fetched (in parallel),
@@ -353,10 +385,11 @@ class Feeder:
     have every tar in the cache (`ready(-1)`: failed, the exception is in `error`); the reader sets `consumed`
     to the number of batches it has received. Tars of the batches admitted and not yet received, [consumed,
     scheduled), are kept (never evicted) and pinned (a shared flock on `.<name>.pin`, so other ranks of this node
-    sharing the cache do not evict them either); batches are admitted whole, ahead until the limit leaves no
-    room, evicting by `victims` (first tars not needed again this epoch, most recently used first; then the one
-    needed farthest ahead); see `_loop` for why ranks sharing a cache cannot deadlock. `check(name)` runs
-    once per tar that arrives (the loader's proof that index and tar agree)."""
+    sharing the cache do not evict them either); batches are admitted whole, ahead until they would hold more than
+    this rank's share of the cache (ShardCache.quota) or the limit leaves no room, evicting by `victims` (first
+    tars not needed again this epoch, most recently used first; then the one needed farthest ahead); see `_loop`
+    for why ranks sharing a cache cannot deadlock. `check(name)` runs once per tar that arrives (the loader's
+    proof that index and tar agree)."""
 
     def __init__(self, cache: ShardCache, needs: list[list[str]], ready, check=None):
         self.cache, self.needs, self._ready, self._check = cache, needs, ready, check or (lambda name: None)
@@ -370,6 +403,7 @@ class Feeder:
                 when.setdefault(n, []).append(k)
         self._when = when
         self._held, self._span = collections.Counter(), [0, 0]  # tars of batches [span[0], span[1]), counted
+        self._quota, self._index = cache.quota(), cache.index_bytes()  # once: shards() is rebuilt per call
         self._thread = threading.Thread(target=self._run, name="imt-shard-feeder", daemon=True)
         self._thread.start()
 
@@ -424,14 +458,23 @@ class Feeder:
     def _loop(self, pool, pending: dict, specs: dict) -> None:
         """Batches are admitted in order, each whole (ShardCache._admit: room for all its missing tars, its
         resident ones pinned, under one lock) or not at all; the tars of the admitted batches the reader has not
-        consumed, [now, scheduled), are pinned, never those of the batch being tried.
+        consumed, [now, scheduled), are pinned, never those of the batch being tried. Those tars may take at
+        most q = ShardCache.quota() bytes, the limit less the index files shared by the node's L ranks; with
+        none held, the batch the reader needs next is always tried (`_too_big` refuses one that can never fit).
 
-        Why ranks sharing the cache cannot deadlock: an admitted batch completes without anything from another
-        rank (its bytes were made to fit and nothing of it can be evicted). A Feeder that fails admission holds
-        pins only for batches its reader is still to consume, and releases them as the reader moves on. So two
-        Feeders waiting while their readers have caught up hold no pins and no reservations, and the first to
-        take the lock can evict everything unpinned, which fits one batch (else `_too_big` raises with what
-        to do). Before batches were admitted whole, a Feeder pinned the tried batch's resident tars and
+        Why ranks sharing the cache cannot deadlock, even when each reader waits for all the others at every
+        step (DDP's gradient all-reduce): an admitted batch completes without anything from another rank (its
+        bytes were made to fit and nothing of it can be evicted). A rank whose reader waits for its next batch
+        holds nothing ahead; every other rank holds at most q (pins and downloads under way), so at most (L-1)q
+        in all, and `_admit` evicts the unpinned tars in the rest: at least q bytes, which fit the batch if it is
+        no larger than q. So the waiting rank is admitted whatever the others' readers do. A batch larger than q
+        (up to the limit) is still admitted when the room is there, and with common.windowed_order it mostly is:
+        the ranks read the same window at once, so what the others hold ahead is largely the tars the waiting
+        rank needs; but only a limit of index files + L x the largest batch excludes the wait (the figure
+        `_too_big` gives). Without the quota, a rank whose reader had
+        moved on to the next all-reduce pinned its future batches until the cache was full, the rank it waited
+        for found no room, and both waited for ever (test_ranks_in_lockstep_share_the_cache: hung on every run).
+        Before batches were admitted whole, a Feeder pinned the tried batch's resident tars and
         reserved its missing ones one at a time; two ranks each holding part of a batch waited on each other
         for ever (2 runs in 5 of test_two_ranks_share_the_cache_and_read_the_same_window hung)."""
         from concurrent.futures import FIRST_COMPLETED, wait
@@ -445,14 +488,16 @@ class Feeder:
             # at most cache.workers downloads waiting: the bound on how far ahead batches are admitted
             while scheduled < len(needs) and len(pending) < cache.workers:
                 keep = self._keep(now, scheduled)
+                if not keep:
+                    self._too_big(needs[scheduled], specs)
+                elif cache.limit and sum(specs[n]["bytes"] or 0 for n in keep.union(needs[scheduled])) > self._quota:
+                    break  # this rank's share of the cache is spent: retried once its reader has moved on
                 resident = sorted((n for n in cache._resident() if self._next_use(n, now) is not None),
                                   key=lambda n: self._next_use(n, now))
                 fetch = cache._admit(needs[scheduled], needs[scheduled] + resident, pending, specs,
                                      keep=keep | set(pending), pin=functools.partial(self._pin, drop=False))
                 if fetch is None:
-                    if not pending and ready == scheduled == self.consumed:
-                        self._too_big(needs[scheduled], specs)
-                    break  # no room yet: retried once the reader has moved on
+                    break  # no room yet: retried once the reader (or another rank's) has moved on
                 for n in fetch:
                     pending[n] = pool.submit(cache.fetch, n)
                 scheduled += 1
@@ -475,11 +520,16 @@ class Feeder:
                     time.sleep(0.005)  # waiting for the reader (or another rank) to free room
 
     def _too_big(self, names: list[str], specs: dict) -> None:
-        need = sum(specs[n]["bytes"] or 0 for n in names) + self.cache._index_bytes()
-        if need > self.cache.limit:
-            raise ManifestError(f"one batch reads {len(names)} shards ({need / 2**30:.2f} GiB with the index files), "
-                                f"more than data.cache_limit ({self.cache.limit / 2**30:.2f} GiB): raise it, or "
-                                "make smaller shards (imt-make-shards --shard-bytes)")
+        """Raise when one batch's tars cannot fit the limit beside the index files, with the limit at which the
+        node's ranks cannot wait on each other (each batch within ShardCache.quota: see `_loop`)."""
+        need, cache, idx = sum(specs[n]["bytes"] or 0 for n in names), self.cache, self._index
+        if cache.limit and need > cache.limit - idx:
+            at_least = max(0.01, math.ceil((idx + cache.ranks * need) / 2**30 * 100) / 100)
+            raise ManifestError(
+                f"one batch reads {len(names)} shards ({need / 2**30:.2f} GiB), more than data.cache_limit "
+                f"({cache.limit / 2**30:.2f} GiB) leaves beside the index files ({idx / 2**30:.2f} GiB): raise "
+                f"data.cache_limit to at least {at_least:.2f} GiB for {cache.ranks} rank(s) of this node (each may "
+                "hold a share of it), or make smaller shards (imt-make-shards --shard-bytes)")
 
 
 class Stream:
@@ -517,18 +567,19 @@ class Stream:
             self._checked.add(name)
 
 
-def open_remote(cfg) -> tuple[str, ShardCache | None]:
+def open_remote(cfg, ranks: int = 1) -> tuple[str, ShardCache | None]:
     """(local shard folder, None) for a local `cfg.path` or a remote data set that fits data.cache_limit (staged
     whole); (folder of its manifest and indexes, the cache to stream its tars through) for a larger one. One
-    cache per data set in a process, so its training and validation loaders share what it has seen."""
+    cache per data set in a process, so its training and validation loaders share what it has seen. `ranks`: the
+    processes of this node sharing the cache (DistInfo.local_world_size), each given an equal share of it."""
     if not is_remote(cfg.path):
         return cfg.path, None
-    cache = _cache(cfg.path, cfg.cache_dir, cfg.cache_limit, max(1, min(8, cfg.workers)))
+    cache = _cache(cfg.path, cfg.cache_dir, cfg.cache_limit, max(1, min(8, cfg.workers)), ranks)
     if cache.fits():
         return str(cache.stage()), None
     return str(cache.stage(tars=False)), cache
 
 
 @functools.lru_cache(maxsize=None)
-def _cache(url: str, cache_dir: str, limit_gib: float, workers: int) -> ShardCache:
-    return ShardCache(url, cache_dir, limit_gib, workers=workers)
+def _cache(url: str, cache_dir: str, limit_gib: float, workers: int, ranks: int = 1) -> ShardCache:
+    return ShardCache(url, cache_dir, limit_gib, workers=workers, ranks=ranks)

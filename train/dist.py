@@ -20,6 +20,7 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE): they share its shard cache
 
     @property
     def is_main(self) -> bool:
@@ -63,7 +64,8 @@ def setup(device: str | None = None, timeout_min: float = 30.0) -> DistInfo:
         # only at log points, 100 steps apart in the ImageNet recipes: 25-40 s of ResNet-50 steps, longer
         # than the 30 s torchrun and SLURM give between SIGTERM and SIGKILL.
         _CONTROL = dist.new_group(backend="gloo", timeout=timeout) if use_cuda else None
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev,
+                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 _CONTROL = None  # the gloo group for host-side flags under NCCL (None: the default group is gloo already)

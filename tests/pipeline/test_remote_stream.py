@@ -231,7 +231,7 @@ def _two_ranks(url: str, tmp_path: Path, deadline_s: float = 60.0) -> None:
     remote._cache.cache_clear()
     loader, cache = _loader(url, tmp_path, "torch", 0)
     ranks = [ShardLoader(loader.cfg, "train", DistInfo(rank=r, world_size=2), train=True, keys=True,
-                         cache=remote.ShardCache(url, cache.dir.parent, cache.limit / 2**30, workers=2))
+                         cache=remote.ShardCache(url, cache.dir.parent, cache.limit / 2**30, workers=2, ranks=2))
              for r in range(2)]
     keys, biggest, errors = [[], []], [0], []
 
@@ -276,6 +276,114 @@ def test_two_ranks_sharing_a_cache_never_deadlock(served, tmp_path):
         except AssertionError as e:
             failed.append(f"run {i}: {str(e).splitlines()[0]}")
     assert not failed, f"{len(failed)} of 25 runs failed:\n" + "\n".join(failed)
+
+
+def _train_tars(url: str, tmp_path: Path) -> tuple[dict, list[str], int]:
+    """The served set's shard specs, its train tars in order, and the bytes of its index files."""
+    specs = remote.ShardCache(url, tmp_path / "probe").shards()
+    idx = sum(s["bytes"] for n, s in specs.items() if n.endswith(".idx"))
+    return specs, sorted(n for n in specs if n.endswith(".tar") and "-train-" in n), idx
+
+
+def _feeders_in_lockstep(url: str, tmp_path: Path, ranks: int, deadline_s: float = 30.0) -> list[int]:
+    """Two ranks of one node (threads), each a Feeder on its own ShardCache of one folder, told `ranks` share it.
+    Rank 0's batches read one train tar each, rank 1's two others; the limit leaves room for twice rank 1's
+    largest batch beside the index files (about four tars). Rank 0's Feeder starts first and admits ahead until
+    it stops; then both readers take batch after batch in lockstep, a barrier between batches as DDP's gradient
+    all-reduce. The batches each reader got, once both finished or `deadline_s` passed."""
+    import time
+
+    specs, tars, idx = _train_tars(url, tmp_path)
+    needs = [[[t] for t in tars[:6]], [tars[6:8], tars[8:10], tars[10:12]] * 2]
+    share = max(sum(specs[n]["bytes"] for n in names) for batch in needs for names in batch) + 4096
+    caches = [remote.ShardCache(url, tmp_path / "cache", (idx + 2 * share) / 2**30, workers=2, ranks=ranks)
+              for _ in range(2)]
+    caches[0].stage(tars=False)
+    ready, cond = [0, 0], threading.Condition()
+
+    def on_ready(r, k):
+        with cond:
+            ready[r] = k
+            cond.notify_all()
+
+    feeders = [remote.Feeder(caches[0], needs[0], partial(on_ready, 0))]
+    last, end = -1, time.monotonic() + 10
+    while ready[0] != last and time.monotonic() < end:  # rank 0 alone, until it stops admitting
+        last = ready[0]
+        time.sleep(0.5)
+    feeders.append(remote.Feeder(caches[1], needs[1], partial(on_ready, 1)))
+    allreduce, read, errors = threading.Barrier(2, timeout=deadline_s), [0, 0], []
+
+    def reader(r):
+        try:
+            for k in range(len(needs[r])):
+                with cond:
+                    cond.wait_for(lambda: ready[r] > k or ready[r] < 0, timeout=deadline_s)
+                if ready[r] < 0:
+                    raise feeders[r].error
+                if ready[r] <= k:
+                    return
+                feeders[r].consumed = read[r] = k + 1
+                allreduce.wait()
+        except threading.BrokenBarrierError:
+            pass
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(r,), daemon=True) for r in range(2)]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + deadline_s
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
+    allreduce.abort()
+    for f in feeders:
+        f.close()
+    assert not errors, errors
+    return read
+
+
+def test_ranks_in_lockstep_share_the_cache(served, tmp_path):
+    """DDP: a rank's reader waits in the all-reduce for the others. Before the per-rank quota (ShardCache.quota),
+    rank 0's Feeder pinned its future tars until the cache was full, rank 1 found no room for its first batch,
+    and rank 0's reader, waiting for rank 1, never released them: hung on every run (benchmarks/RESULTS.md)."""
+    read = _feeders_in_lockstep(served, tmp_path, ranks=2)
+    assert read == [6, 6], f"the ranks stopped after {read} of 6 batches: deadlocked on the shared cache"
+
+
+def test_a_batch_larger_than_the_cache_is_refused_with_the_limit_for_the_node_s_ranks(served, tmp_path):
+    """A batch larger than the limit leaves beside the index files: refused with the limit at which 2 ranks of the
+    node cannot wait on each other (index files + 2 x the batch), which then serves both."""
+    from imt.pipeline.manifest import ManifestError
+
+    specs, tars, idx = _train_tars(served, tmp_path)
+    batch = tars[:2]
+    need = sum(specs[n]["bytes"] for n in batch)
+    for ranks, room in [(2, need - 1), (2, 2 * need)]:
+        cache = remote.ShardCache(served, tmp_path / f"cache{room}", (idx + room) / 2**30, workers=2, ranks=ranks)
+        cache.stage(tars=False)
+        done = threading.Event()
+        feeder = remote.Feeder(cache, [batch], lambda k: done.set() if k in (1, -1) else None)
+        assert done.wait(30)
+        feeder.close()
+        if room < need:
+            assert isinstance(feeder.error, ManifestError)
+            assert "raise data.cache_limit to at least 0.01 GiB for 2 rank(s) of this node" in str(feeder.error)
+        else:
+            assert feeder.error is None and cache.quota() >= need
+
+
+def test_build_loader_shares_the_cache_among_the_node_s_ranks(served, tmp_path):
+    """build_loader gives the stream's cache the ranks of this node (DistInfo.local_world_size, from torchrun's
+    LOCAL_WORLD_SIZE), which divide it into their quotas."""
+    from imt.pipeline import build_loader
+
+    remote._cache.cache_clear()
+    cfg = DataConfig(path=served, loader="torch", batch_size=7, resolution=32, val_resolution=32, workers=0,
+                     dtype="float32", cache_dir=str(tmp_path / "cache"), cache_limit=_limit_gib(served, tmp_path))
+    loader = build_loader(cfg, "train", DistInfo(world_size=4, rank=1, local_world_size=2), train=True)
+    cache = loader.feed.cache
+    assert cache.ranks == 2 and cache.quota() == (cache.limit - cache.index_bytes()) // 2
 
 
 @pytest.mark.parametrize("kind", [pytest.param(("torch", 0), id="torch-0")] + KINDS[2:])
@@ -337,5 +445,5 @@ def test_a_cache_smaller_than_one_batch_is_refused_with_what_to_do(served, tmp_p
 
     remote._cache.cache_clear()
     loader, _ = _loader(served, tmp_path, "torch", 0, share=1 / 24)  # less than the tars one batch reads
-    with pytest.raises(ManifestError, match="more than data.cache_limit .* raise it"):
+    with pytest.raises(ManifestError, match="more than data.cache_limit .* to at least .* for 1 rank"):
         next(iter(loader))
