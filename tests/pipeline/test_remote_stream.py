@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import http.server
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -118,6 +119,18 @@ def _limit_gib(url: str, tmp_path: Path, share: float = 1 / 3) -> float:
     return sum(s["bytes"] for s in specs.values()) * share / 2**30
 
 
+def _ranks_as_threads(target, ranks: int, deadline_s: float) -> list[threading.Thread]:
+    """target(r) for each rank in a daemon thread, joined until `deadline_s` from now: a hang fails the test
+    (the caller asserts no thread is alive) instead of hanging CI."""
+    threads = [threading.Thread(target=target, args=(r,), daemon=True) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + deadline_s
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
+    return threads
+
+
 def _cache_bytes(folder: Path) -> int:
     """What the cache folder holds: tars, indexes and downloads under way."""
     total = 0
@@ -224,7 +237,6 @@ def _two_ranks(url: str, tmp_path: Path, deadline_s: float = 60.0) -> None:
     together every sample once, equal batch counts, the folder within its limit, and no rank evicting a tar the
     other still reads (pins). Fails, instead of hanging, when they have not finished within `deadline_s` (the
     threads are daemons, so a deadlock does not keep the test process alive either)."""
-    import time
 
     from imt.pipeline.torch_baseline import ShardLoader
 
@@ -245,12 +257,7 @@ def _two_ranks(url: str, tmp_path: Path, deadline_s: float = 60.0) -> None:
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(2)]
-    for t in threads:
-        t.start()
-    end = time.monotonic() + deadline_s
-    for t in threads:
-        t.join(max(0.0, end - time.monotonic()))
+    threads = _ranks_as_threads(run, 2, deadline_s)
     assert not any(t.is_alive() for t in threads), \
         f"the two ranks did not finish in {deadline_s:.0f} s (batches read: {len(keys[0])}, {len(keys[1])})"
     assert not errors, errors
@@ -291,7 +298,6 @@ def _feeders_in_lockstep(url: str, tmp_path: Path, ranks: int, deadline_s: float
     largest batch beside the index files (about four tars). Rank 0's Feeder starts first and admits ahead until
     it stops; then both readers take batch after batch in lockstep, a barrier between batches as DDP's gradient
     all-reduce. The batches each reader got, once both finished or `deadline_s` passed."""
-    import time
 
     specs, tars, idx = _train_tars(url, tmp_path)
     needs = [[[t] for t in tars[:6]], [tars[6:8], tars[8:10], tars[10:12]] * 2]
@@ -330,12 +336,7 @@ def _feeders_in_lockstep(url: str, tmp_path: Path, ranks: int, deadline_s: float
         except Exception as e:  # noqa: BLE001 - reported by the test
             errors.append(e)
 
-    threads = [threading.Thread(target=reader, args=(r,), daemon=True) for r in range(2)]
-    for t in threads:
-        t.start()
-    end = time.monotonic() + deadline_s
-    for t in threads:
-        t.join(max(0.0, end - time.monotonic()))
+    threads = _ranks_as_threads(reader, 2, deadline_s)
     allreduce.abort()
     for f in feeders:
         f.close()
