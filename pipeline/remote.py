@@ -471,9 +471,9 @@ class Feeder:
         (up to the limit) is still admitted when the room is there, and with common.windowed_order it mostly is:
         the ranks read the same window at once, so what the others hold ahead is largely the tars the waiting
         rank needs; but only a limit of index files + L x the largest batch excludes the wait (the figure
-        `_too_big` gives). Without the quota, a rank whose reader had
-        moved on to the next all-reduce pinned its future batches until the cache was full, the rank it waited
-        for found no room, and both waited for ever (test_ranks_in_lockstep_share_the_cache: hung on every run).
+        `_too_big` gives). Without the quota, a rank whose reader had moved on to the next all-reduce pinned its
+        future batches until the cache was full, the rank it waited for found no room, and both waited for ever
+        (test_ranks_in_lockstep_share_the_cache: hung on every run).
         Before batches were admitted whole, a Feeder pinned the tried batch's resident tars and
         reserved its missing ones one at a time; two ranks each holding part of a batch waited on each other
         for ever (2 runs in 5 of test_two_ranks_share_the_cache_and_read_the_same_window hung)."""

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 from imt.benchmarks.learning import budget_check, main
 from tests.train.conftest import one_thread  # noqa: F401 - autouse: one intra-op thread, as the trainer tests
 
-TINY = ["--epochs", "2", "--threads", "1", "--nproc", "1", "--set", "run.max_steps_per_epoch=2", "--set", "data.batch_size=8",
-        "--set", "data.workers=1", "--set", "run.start_res=0", "--set", "data.resolution=32",
-        "--set", "data.val_resolution=32"]
+TINY = ["--epochs", "2", "--threads", "1", "--nproc", "1", "--set", "run.max_steps_per_epoch=2",
+        "--set", "data.batch_size=8", "--set", "data.workers=1", "--set", "run.start_res=0",
+        "--set", "data.resolution=32", "--set", "data.val_resolution=32"]
 
 
 def test_budget_check_says_which_half_missed():
