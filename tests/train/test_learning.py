@@ -1,5 +1,5 @@
 """Slow: the trainer really learns. benchmarks.learning's recipe (recipes/cpu_small.yaml: a half-width
-ResNet-18 from scratch at low resolution) on Imagenette (chance 10%), CPU, cut to 3 epochs: a few minutes
+ResNet-10 from scratch at low resolution) on Imagenette (chance 10%), CPU, cut to 3 epochs: a few minutes
 (benchmarks/learning.py records the full run's figures in benchmarks/RESULTS.md)."""
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from imt.train.config import load_config
 from imt.train.model import build_model, loss_function, param_groups, prepare, unwrap, zero_init_last_bn
 
 
@@ -33,13 +34,17 @@ def test_auxiliary_logits_enter_the_loss(arch):
 
 
 def test_timm_models_with_constructor_arguments():
-    """timm:<name> builds timm's model; model.kwargs reach its constructor (a half-width ResNet-18, the CPU
-    recipe's network); zero_init_residual reaches timm's blocks both ways; a wrong keyword names the fix."""
+    """timm:<name> builds timm's model; model.kwargs reach its constructor (a half-width ResNet-18, and the CPU
+    recipe's one-block-per-stage ResNet-10); zero_init_residual reaches timm's blocks both ways; a wrong keyword
+    names the fix."""
     narrow = build_model("timm:resnet18", 10, zero_init_residual=True,
                          kwargs={"channels": [32, 64, 128, 256]})
     assert narrow.fc.in_features == 256 and narrow.layer1[0].conv1.out_channels == 32
     assert 2.5e6 < sum(p.numel() for p in narrow.parameters()) < 3.0e6  # about a quarter of ResNet-18's 11.2 M
     assert all(not b.bn2.weight.detach().any() for b in narrow.layer1)
+    recipe = load_config("cpu_small", {"data.path": "unused"}).model
+    ten = build_model(recipe.arch, 10, zero_init_residual=recipe.zero_init_residual, kwargs=recipe.kwargs)
+    assert [len(getattr(ten, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1] and ten.fc.in_features == 256
     plain = build_model("timm:resnet18", 10, zero_init_residual=False)
     assert all(b.bn2.weight.detach().all() for b in plain.layer1)
     assert zero_init_last_bn(plain) == 8 and not plain.layer4[1].bn2.weight.detach().any()
