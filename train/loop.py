@@ -43,6 +43,7 @@ class EpochStats:
     images: int          # on this rank
     seconds: float
     data_wait: float     # seconds blocked in next(loader)
+    first_wait: float    # of which on the first batch: the loader's start-up (workers, pipeline build), paid once
     stopped: bool        # left early because a stop was requested (preemption)
 
 
@@ -81,12 +82,15 @@ def train_one_epoch(model, loader: Iterable, optimizer, schedule, scaler, autoca
     model.train()
     optimizer.zero_grad(set_to_none=True)
     batches = iter(loader)
-    loss_sum, n_images, wait, done, stopped, stopping = None, 0, 0.0, start, False, False
+    loss_sum, n_images, wait, first_wait, done, stopped, stopping = None, 0, 0.0, 0.0, start, False, False
     t0 = time.perf_counter()
     for step in range(start, steps):
         t = time.perf_counter()
         images, labels = next(batches)
-        wait += time.perf_counter() - t
+        waited = time.perf_counter() - t
+        if step == start:
+            first_wait = waited
+        wait += waited
         if batch_transform is not None:
             images, labels = batch_transform(images, labels)
         first = step - step % grad_accum  # the update's first batch (epoch-relative, as checkpoints count)
@@ -110,7 +114,7 @@ def train_one_epoch(model, loader: Iterable, optimizer, schedule, scaler, autoca
             stopped = done < steps
             break
     mean = check_finite(mean_across(loss_sum), done - start, done) if loss_sum is not None else float("nan")
-    return EpochStats(mean, done, n_images, time.perf_counter() - t0, wait, stopped)
+    return EpochStats(mean, done, n_images, time.perf_counter() - t0, wait, first_wait, stopped)
 
 
 def check_finite(loss_sum: torch.Tensor, count: int, step: int) -> float:

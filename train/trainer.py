@@ -264,7 +264,8 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
         last_lr = schedule.lr(epoch * steps + stats.steps - 1)  # the schedule's position, in this run's steps
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "lr": last_lr,
                "resolution": res, "images_per_sec": images / stats.seconds,
-               "data_wait_fraction": stats.data_wait / stats.seconds, "train_time": train_time}
+               "data_wait_fraction": stats.data_wait / stats.seconds, "first_batch_wait": stats.first_wait,
+               "train_time": train_time}
         is_best = False
         # The loss is checked before each update, so the last one of the epoch could still have broken the
         # weights: never evaluate or checkpoint them (a resume would fail on them again and again).
@@ -294,7 +295,8 @@ def _train(cfg: Config, info: dist.DistInfo, stop: StopFlag) -> dict:
                      if row["val_top1"] is not None else "")
                   + f" | {row['images_per_sec']:.0f} img/s | data wait {100 * row['data_wait_fraction']:.0f}%"
                   + f" | {res}px | {row['epoch_time']:.1f}s")
-        if epoch == start_epoch and (note := data_wait_note(row["data_wait_fraction"], cfg.data.path)):
+        if epoch == start_epoch and (note := data_wait_note(stats.data_wait, stats.first_wait, stats.seconds,
+                                                                cfg.data.path)):
             say.write(note)
         if dist.any_true(stop.requested, info):  # the signal came during the epoch's last steps or eval
             return stopped(path, global_step)

@@ -157,12 +157,16 @@ def test_threads_resolve_to_cores_left_by_the_loader(monkeypatch):
         load_config(None, {"data.path": "x", "run.threads": -1})
 
 
-def test_data_wait_note_names_imt_tune():
+def test_data_wait_note_names_imt_tune_and_leaves_out_the_loaders_start_up():
     from imt.train.monitor import data_wait_note
 
-    assert data_wait_note(0.05, "/data/shards") is None
-    note = data_wait_note(0.4, "/data/shards")
+    assert data_wait_note(0.5, 0.0, 10.0, "/data/shards") is None  # 5%
+    note = data_wait_note(4.0, 0.0, 10.0, "/data/shards")
     assert "40%" in note and "imt-tune" in note and "--data /data/shards" in note and "--tune" in note
+    # 4 s of a 20 s epoch waited, 3.6 of them for the first batch (workers starting): 0.4 / 16.4 s after it, 2%
+    assert data_wait_note(4.0, 3.6, 20.0, "/data/shards") is None
+    assert "25%" in data_wait_note(7.6, 3.6, 19.6, "/data/shards")  # 4 of the 16 s after the first batch
+
 
 def test_remote_cache_settings_are_typed_and_checked():
     cfg = load_config(None, {"data.path": "s3://bucket/shards", "data.cache_limit": "200",

@@ -44,6 +44,7 @@ def test_synthetic_run_learns_and_writes_everything(tmp_path):
                 "epoch_time"):
         assert key in rows[0]
     assert 0 <= rows[0]["data_wait_fraction"] < 1 and rows[0]["images_per_sec"] > 0
+    assert 0 <= rows[0]["first_batch_wait"] <= rows[0]["data_wait_fraction"] * rows[0]["train_time"] + 1e-6
     assert json.loads((out / "config.json").read_text())["precision"]["dtype"] in ("float32", "bfloat16")
     assert (out / "report" / "per_class.csv").is_file() and (out / "report" / "confusion.csv").is_file()
     assert (out / "checkpoints" / "best.pt").is_file() and summary["best"]["epoch"] >= 1
