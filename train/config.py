@@ -358,9 +358,10 @@ def cuda_bf16_native(device: "torch.device") -> bool:  # noqa: F821
         return torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def resolve(cfg: Config, device: "torch.device") -> Config:  # noqa: F821
-    """Make the machine-dependent choices concrete (precision "auto") and keep the loader's output dtype
-    equal to the compute dtype, so config.json says exactly what ran."""
+def resolve(cfg: Config, device: "torch.device", local_ranks: int = 1) -> Config:  # noqa: F821
+    """Make the machine-dependent choices concrete (precision "auto", run.threads 0 for `local_ranks` ranks on
+    this node: DistInfo.local_world_size) and keep the loader's output dtype equal to the compute dtype, so
+    config.json says exactly what ran."""
     import torch
 
     dtype = cfg.precision.dtype
@@ -373,7 +374,7 @@ def resolve(cfg: Config, device: "torch.device") -> Config:  # noqa: F821
         raise ConfigError("precision.dtype=float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
     # A compiled model would recompile for the partial last batch (train.model.compile_model): drop it.
     drop_last = cfg.data.drop_last or cfg.model.compile
-    run = replace(cfg.run, threads=cfg.run.threads or auto_threads(cfg.data))
+    run = replace(cfg.run, threads=cfg.run.threads or auto_threads(cfg.data, local_ranks))
     return replace(cfg, precision=replace(cfg.precision, dtype=dtype),
                    data=replace(cfg.data, dtype=dtype, drop_last=drop_last), run=run)
 
@@ -385,11 +386,9 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def auto_threads(data: DataConfig) -> int:
-    """run.threads=0: this rank's share of the usable cores (torchrun's LOCAL_WORLD_SIZE ranks per node) minus the
-    loader's workers (DALI threads or DataLoader processes, which decode on those cores), at least 1; the
-    synthetic loader uses no cores, so it leaves them all."""
-    import os
-
-    share = max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+def auto_threads(data: DataConfig, local_ranks: int = 1) -> int:
+    """run.threads=0: this rank's share of the usable cores (`local_ranks` ranks on this node) minus the loader's
+    workers (DALI threads or DataLoader processes, which decode on those cores), at least 1; the synthetic loader
+    uses no cores, so it leaves them all."""
+    share = max(1, usable_cores() // max(1, local_ranks))
     return share if data.loader == "synthetic" else max(1, share - max(0, data.workers))

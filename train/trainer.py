@@ -118,7 +118,7 @@ def train(cfg: Config, stop: StopFlag | None = None) -> dict:
     stop = (StopFlag().install() if own_flag else stop)
     try:
         with locked_run(cfg.run.out, info):  # one run per --out at a time
-            return _train(resolve(cfg, info.device), info, stop)
+            return _train(resolve(cfg, info.device, info.local_world_size), info, stop)
     finally:
         if own_flag:
             stop.restore()

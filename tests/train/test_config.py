@@ -145,14 +145,13 @@ def test_threads_resolve_to_cores_left_by_the_loader(monkeypatch):
     import os
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     cpu = torch.device("cpu")
     assert resolve(load_config(None, {"data.path": "x", "data.workers": 6}), cpu).run.threads == 2
     assert resolve(load_config(None, {"data.path": "x", "data.workers": 8}), cpu).run.threads == 1
     assert resolve(load_config(None, {"data.loader": "synthetic"}), cpu).run.threads == 8
     assert resolve(load_config(None, {"data.path": "x", "run.threads": 3}), cpu).run.threads == 3
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert resolve(load_config(None, {"data.path": "x", "data.workers": 2}), cpu).run.threads == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # read once, by dist.setup (DistInfo.local_world_size), not here
+    assert resolve(load_config(None, {"data.path": "x", "data.workers": 2}), cpu, 2).run.threads == 2
     with pytest.raises(ConfigError, match="run.threads"):
         load_config(None, {"data.path": "x", "run.threads": -1})
 
