@@ -166,6 +166,12 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def machine_name() -> str:
+    """What a report's "Machine:" line names: the GPU, else the CPU model (CPU figures differ by model: the CPU
+    learning check ran 2x faster on a Xeon with AMX bfloat16 than on an AMD EPYC in float32, RESULTS.md)."""
+    return "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU " + cpu_model()
+
+
 def environment(device: torch.device) -> dict:
     cuda = device.type == "cuda"
     return {

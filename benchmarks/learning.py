@@ -27,6 +27,7 @@ from pathlib import Path
 import click
 import torch
 
+from imt.benchmarks.common import machine_name
 from imt.train.cli import CONTEXT
 from imt.train.config import ConfigError, load_config, parse_override, usable_cores
 from imt.train.run import train
@@ -111,7 +112,7 @@ def report(s: dict, cmd: str, budget_min: float, target_top1: float) -> str:
     return f"""
 ## Learning check: {m['arch']}{f" ({m['kwargs']})" if m.get('kwargs') else ""} from scratch on Imagenette, \
 {datetime.date.today()}
-Machine: {"GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU machine"}, \
+Machine: {machine_name()}, \
 {os.cpu_count()} cores (load average {load:.1f} at the end), {s['nproc']} rank(s) of {r['threads']} torch thread(s), \
 {c['precision']['dtype']}.
 {d['loader']} loader ({d['workers']} workers per rank), batch {d['batch_size']} per rank, {o['optimizer']} peak lr

@@ -32,6 +32,7 @@ from pathlib import Path
 import click
 import torch
 
+from imt.benchmarks.common import machine_name
 from imt.train.cli import CONTEXT
 from imt.train.config import ConfigError, load_config, parse_override
 from imt.train.run import train
@@ -191,7 +192,7 @@ def main(data, work, arch, resolution, per_class, seeds, pretrain_epochs, pretra
     table = "\n".join(rows)
     click.echo(f"""
 ## Transfer learning: pretrain on 5 Imagenette classes, fine-tune on the other 5, {datetime.date.today()}
-Machine: {"GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU machine"}, {os.cpu_count()} cores,
+Machine: {machine_name()}, {os.cpu_count()} cores,
 {torch.get_num_threads()} torch thread(s). {arch} at {resolution} px, folder loader. Pretraining: classes {', '.join(old)}
 {pre_text}. New task: {', '.join(new)}, {' or '.join(map(str, per_class))} train images per class drawn
 with each seed ({', '.join(map(str, seeds))}; the seed also seeds training), evaluated on all their val images.
