@@ -16,8 +16,8 @@ from imt.pipeline import dali, torch_baseline  # noqa: E402
 
 
 class _KeyedShardLoader(torch_baseline.ShardLoader):
-    def __init__(self, cfg, split, dist, *, train: bool, keys: bool = False):
-        super().__init__(cfg, split, dist, train=train, keys=train)
+    def __init__(self, cfg, split, dist, *, train: bool, keys: bool = False, cache=None):
+        super().__init__(cfg, split, dist, train=train, keys=train, cache=cache)
         self.rank = dist.rank
 
     def current_epoch(self) -> int:
@@ -25,8 +25,8 @@ class _KeyedShardLoader(torch_baseline.ShardLoader):
 
 
 class _KeyedDaliLoader(dali.DaliLoader):
-    def __init__(self, cfg, split, dist, *, train: bool, keys: bool = False):
-        super().__init__(cfg, split, dist, train=train, keys=train)
+    def __init__(self, cfg, split, dist, *, train: bool, keys: bool = False, cache=None):
+        super().__init__(cfg, split, dist, train=train, keys=train, cache=cache)
 
     def current_epoch(self) -> int:
         return self.epoch
