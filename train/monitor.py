@@ -99,9 +99,9 @@ DATA_WAIT_NOTE = 0.10  # above this share of an epoch blocked on the loader, the
 
 def data_wait_note(wait: float, first_wait: float, seconds: float, data_path: str) -> str | None:
     """One line after the first epoch when the input pipeline held the model back, or None. Judged without the
-    first batch's wait, the loader's one-off start-up: on the 2-core CPU the folder loader's worker, starting
-    beside the training ranks, made epoch 1 wait for data 17-19% of the time against 2-3% in every later epoch
-    (RESULTS.md 2026-12-03), and no loader setting changes that."""
+    first batch's wait, the loader's one-off start-up: on the 2-core CPUs the folder loader's worker, starting
+    beside the training ranks, made epoch 1 wait for data 17-24% of the time against 2-5% in every later epoch
+    and 3-4% in epoch 1 after its first batch (RESULTS.md 2026-12-03); no loader setting changes that."""
     steady = (wait - first_wait) / max(seconds - first_wait, 1e-9)
     if steady <= DATA_WAIT_NOTE:
         return None
